@@ -1,0 +1,7 @@
+"""``python -m cetd`` runs the `cetd` command."""
+
+import sys
+
+from cetd.cli.daemon_main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Command-line entry points: `cetd` (daemon and local admin) and `cetctl` (the client)."""

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code (protos/generate.py). Do not edit."""

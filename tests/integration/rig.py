@@ -1,0 +1,276 @@
+"""Test rig: a household of real `cetd run` processes on 127.0.0.1 (or inside namespace hosts).
+
+Each daemon is a separate OS process with its own state directory, bound to port 0; the rig reads the
+ports back from ``runtime.json``. mDNS is bound to 127.0.0.1 only (or to the namespace's own address),
+so nothing is ever multicast on the machine's real interfaces. Every process is killed on exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cetd.identity import (
+    Member,
+    StateDir,
+    certificate_pem,
+    init_household,
+    issue_device_certificate,
+    load_ca_key,
+    load_identity,
+    load_or_create_device_key,
+    load_signed_roster,
+    sign_roster,
+    store_enrollment,
+    store_roster,
+    verify_roster,
+)
+from cetd.ids import DeviceId
+
+REPO = Path(__file__).resolve().parents[2]
+
+HOUSEHOLD_NAME = "The Smith Family"
+
+FAST_MEMBERSHIP = {
+    "heartbeat_interval_s": 0.5,
+    "suspect_after_s": 1.5,
+    "dead_after_s": 3.0,
+    "startup_grace_s": 1.5,
+}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last value {last!r}")
+
+
+def provision_member(ca_dir: Path, member_dir: Path, name: str) -> DeviceId:
+    """Admit a device offline, as an approved join would (tests of joining itself use the real RPCs)."""
+    ca_state, state = StateDir(ca_dir), StateDir(member_dir)
+    ca_identity = load_identity(ca_state)
+    ca_key = load_ca_key(ca_state)
+    key = load_or_create_device_key(state)
+    cert = issue_device_certificate(ca_key, ca_identity.ca_certificate, key.public_key(), name=name)
+    roster = verify_roster(load_signed_roster(ca_state), ca_identity.ca_certificate)
+    member = Member(device_id=load_identity_id(cert), name=name, added_at=time.time())
+    signed = sign_roster(roster.with_member(member), ca_key)
+    store_roster(ca_state, signed)
+    store_enrollment(state, certificate_pem(cert), ca_identity.ca_pem, signed, name)
+    return member.device_id
+
+
+def load_identity_id(cert: Any) -> DeviceId:
+    from cetd.identity import device_id_from_certificate
+
+    return device_id_from_certificate(cert)
+
+
+def write_config(path: Path, *, state_dir: Path, name: str, host: str, extra: dict[str, dict[str, Any]] | None
+                 = None) -> Path:
+    sections: dict[str, dict[str, Any]] = {
+        "daemon": {"state_dir": str(state_dir), "name": name, "listen_host": host, "port": 0,
+                   "enroll_port": 0, "log_level": "info"},
+        "discovery": {"interfaces": [host]},
+        "membership": dict(FAST_MEMBERSHIP),
+    }
+    for section, values in (extra or {}).items():
+        sections.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+@dataclass
+class DaemonProcess:
+    """One `cetd run` process."""
+
+    name: str
+    state_dir: Path
+    config_path: Path
+    log_path: Path
+    host: str = "127.0.0.1"
+    prefix: Sequence[str] = ()
+    proc: subprocess.Popen[bytes] | None = None
+    device_id: DeviceId | None = None
+
+    def start(self) -> None:
+        runtime = self.state_dir / "runtime.json"
+        runtime.unlink(missing_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [*self.prefix, sys.executable, "-m", "cetd", "--config", str(self.config_path), "run"],
+            stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, env=env, cwd=REPO,
+            start_new_session=True,
+        )
+
+    def runtime(self) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = json.loads((self.state_dir / "runtime.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return data
+
+    def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            return self.runtime()
+
+        runtime: dict[str, Any] = wait_until(ready, timeout, what=f"{self.name} ready")
+        self.device_id = DeviceId(runtime["device_id"])
+        return runtime
+
+    @property
+    def address(self) -> str:
+        runtime = self.runtime()
+        assert runtime is not None, f"{self.name} is not running"
+        return str(runtime["address"])
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=15)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except FileNotFoundError:
+            return ""
+
+    def cetctl(self, *args: str, check: bool = True, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+        """Run the real `cetctl` against this daemon, with --json."""
+        result = subprocess.run(
+            [*self.prefix, sys.executable, "-m", "cetd.cli.cetctl", "--state-dir", str(self.state_dir), "--json",
+             *args],
+            capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"cetctl {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+        return result
+
+    def peers(self) -> dict[str, Any]:
+        """What `cetctl peers --json` prints, fetched in-process (a subprocess per poll is too slow)."""
+        import asyncio
+
+        from cetd.cli.cetctl import view_as_dict
+        from cetd.cli.connect import open_client
+
+        async def fetch() -> dict[str, Any]:
+            async with open_client(self.state_dir) as client:
+                return view_as_dict(await client.list_peers())
+
+        return asyncio.run(fetch())
+
+
+@dataclass
+class Household:
+    """N provisioned daemons; daemon 0 holds the household CA."""
+
+    root: Path
+    daemons: list[DaemonProcess] = field(default_factory=list)
+
+    @classmethod
+    def create(
+        cls,
+        root: Path,
+        n: int,
+        *,
+        hosts: Sequence[str] | None = None,
+        prefixes: Sequence[Sequence[str]] | None = None,
+        ranks: Sequence[int] | None = None,
+        extra: dict[str, dict[str, Any]] | None = None,
+    ) -> Household:
+        household = cls(root)
+        for i in range(n):
+            name = f"dev{i}"
+            state_dir = root / name
+            state_dir.mkdir(parents=True)
+            if i == 0:
+                init_household(StateDir(state_dir), name, household_name=HOUSEHOLD_NAME)
+            else:
+                provision_member(root / "dev0", state_dir, name)
+            host = hosts[i] if hosts else "127.0.0.1"
+            section_extra = {k: dict(v) for k, v in (extra or {}).items()}
+            if ranks is not None:
+                section_extra.setdefault("device", {})["rank"] = ranks[i]
+            config = write_config(root / f"{name}.toml", state_dir=state_dir, name=name, host=host,
+                                  extra=section_extra)
+            household.daemons.append(DaemonProcess(
+                name=name, state_dir=state_dir, config_path=config, log_path=root / f"{name}.log", host=host,
+                prefix=prefixes[i] if prefixes else (),
+            ))
+        # Every member must hold the final roster (provisioning grew it one device at a time).
+        final = load_signed_roster(StateDir(root / "dev0"))
+        for daemon in household.daemons[1:]:
+            store_roster(StateDir(daemon.state_dir), final)
+        return household
+
+    def start_all(self) -> None:
+        for daemon in self.daemons:
+            daemon.start()
+        for daemon in self.daemons:
+            daemon.wait_ready()
+
+    def close(self) -> None:
+        for daemon in self.daemons:
+            daemon.stop()
+
+    def __enter__(self) -> Household:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {d.name}\n{d.log()}" for d in self.daemons)
+
+    def coordinators(self, daemons: Sequence[DaemonProcess] | None = None) -> dict[str, tuple[int, str | None]]:
+        """(term, coordinator) as each running daemon reports it."""
+        views = {}
+        for daemon in daemons or self.daemons:
+            if daemon.alive():
+                view = daemon.peers()
+                views[daemon.name] = (int(view["term"]), view["coordinator_id"])
+        return views
+
+    def agreed_coordinator(self, daemons: Sequence[DaemonProcess] | None = None) -> tuple[int, str] | None:
+        """The (term, coordinator) when every given running daemon names the same one, else None."""
+        views = set(self.coordinators(daemons).values())
+        if len(views) == 1:
+            term, coordinator = views.pop()
+            if coordinator is not None:
+                return term, coordinator
+        return None

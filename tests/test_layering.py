@@ -1,0 +1,62 @@
+"""The layering rules of DESIGN.md, checked in fresh interpreters (import order cannot hide a cycle)."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import cetd
+
+
+def _fresh(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.mark.timeout(120)
+def test_lower_layers_import_without_torch() -> None:
+    out = _fresh(
+        "import sys, cetd.identity, cetd.discovery, cetd.cluster; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"
+    )
+    assert out == "[]"
+
+
+@pytest.mark.timeout(120)
+def test_daemon_control_plane_imports_without_torch() -> None:
+    # The daemon itself never runs torch on its event loop; only job workers import it.
+    out = _fresh(
+        "import sys, cetd.daemon.daemon, cetd.cli.cetctl; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"
+    )
+    assert out == "[]"
+
+
+@pytest.mark.timeout(120)
+def test_runtime_never_imports_grpc_or_zeroconf() -> None:
+    runtime = [m.name for m in pkgutil.walk_packages(cetd.__path__, "cetd.") if m.name.startswith("cetd.runtime")]
+    out = _fresh(
+        f"import sys, importlib; [importlib.import_module(m) for m in {runtime!r}]; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'grpc', 'zeroconf'}))"
+    )
+    assert out == "[]"
+
+
+MODULES = sorted(m.name for m in pkgutil.walk_packages(cetd.__path__, "cetd.") if m.name != "cetd.__main__")
+
+
+@pytest.mark.timeout(300)
+def test_every_module_imports_alone() -> None:
+    # One interpreter per module would take minutes; instead import each in a fresh interpreter in one
+    # script that reports the first failure with its module name.
+    code = (
+        "import importlib, subprocess, sys\n"
+        f"for m in {MODULES!r}:\n"
+        "    r = subprocess.run([sys.executable, '-c', f'import {m}'], capture_output=True, text=True)\n"
+        "    if r.returncode: print(m, r.stderr.splitlines()[-1]); sys.exit(1)\n"
+    )
+    _fresh(code)
