@@ -26,7 +26,6 @@ from cetd.identity import (
     JoinToken,
     StateDir,
     device_id_from_public_key,
-    load_ca_key,
     load_identity,
     load_or_create_device_key,
     short_id,
@@ -159,7 +158,6 @@ class Daemon:
                 dead_after=membership.dead_after,
             ),
             startup_grace=membership.startup_grace,
-            ca_key=load_ca_key(self.state) if identity.is_ca_holder else None,
         )
         host = advertise_host(config)
         async with contextlib.AsyncExitStack() as stack:

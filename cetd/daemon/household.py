@@ -13,8 +13,6 @@ import logging
 import time
 from datetime import timedelta
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from cetd.cluster.election import Claim, Election, ElectionConfig, Role
 from cetd.cluster.membership import FailureDetectorConfig, MembershipTable, PeerState
 from cetd.errors import CetdError, IdentityError, NotAuthorizedError, UnavailableError
@@ -55,7 +53,6 @@ class HouseholdNode:
         capabilities: Capabilities,
         detector: FailureDetectorConfig,
         startup_grace: timedelta,
-        ca_key: ec.EllipticCurvePrivateKey | None = None,
     ) -> None:
         self.identity = identity
         self.capabilities = capabilities
@@ -70,7 +67,7 @@ class HouseholdNode:
             config=ElectionConfig(startup_grace=startup_grace),
         )
         self.enroller = (
-            Enroller(identity, ca_key, self.roster, state, self.publish_roster) if ca_key is not None else None
+            Enroller(identity, state, self.roster, self.publish_roster) if identity.is_ca_holder else None
         )
         self.self_info = PeerInfo(
             device_id=identity.device_id, name=identity.name, address="", capabilities=capabilities

@@ -1,16 +1,13 @@
 """Holds the household's signed roster: who is a member and who was revoked.
 
 Every member keeps the newest validly signed roster it has seen and persists it. Only the CA holder
-can make a new version (it alone has the CA key); the others accept a pushed or pulled roster only if
+can make a new version (it alone has the CA key, see `cetd.identity.admission`); the others accept a pushed or pulled roster only if
 the CA signature checks and the version is higher, so a compromised member cannot forge membership.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from cetd.errors import IdentityError, NotAuthorizedError
 from cetd.identity import (
@@ -19,7 +16,6 @@ from cetd.identity import (
     SignedRoster,
     StateDir,
     load_signed_roster,
-    sign_roster,
     store_roster,
     verify_roster,
 )
@@ -56,8 +52,11 @@ class RosterKeeper:
         if not self._roster.is_member(device_id):
             raise NotAuthorizedError(f"device {device_id} is not a member of this household")
 
-    def accept(self, signed: SignedRoster) -> bool:
+    def accept(self, signed: SignedRoster, *, already_stored: bool = False) -> bool:
         """Adopt ``signed`` if it is validly signed and newer; return whether it was adopted.
+
+        Args:
+            already_stored: the CA holder's admission code wrote it to disk already.
 
         Raises:
             IdentityError: the signature does not verify or the roster is for another household.
@@ -67,17 +66,9 @@ class RosterKeeper:
             raise IdentityError("roster belongs to another household")
         if roster.version <= self._roster.version:
             return False
-        store_roster(self._state, signed)
+        if not already_stored:
+            store_roster(self._state, signed)
         self._signed, self._roster = signed, roster
         logger.info("roster version %d adopted (%d members, %d revoked)",
                     roster.version, len(roster.active_members()), len(roster.revoked))
         return True
-
-    def amend(self, ca_key: ec.EllipticCurvePrivateKey, change: Callable[[Roster], Roster]) -> SignedRoster:
-        """CA holder only: apply ``change``, sign the new version, persist it and adopt it."""
-        roster = change(self._roster)
-        signed = sign_roster(roster, ca_key)
-        store_roster(self._state, signed)
-        self._signed, self._roster = signed, roster
-        logger.info("roster version %d signed", roster.version)
-        return signed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import secrets
 import time
@@ -18,7 +19,7 @@ import pytest
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from cetd.discovery.advert import SERVICE_TYPE, Advert, AdvertState, CapabilitySummary
-from cetd.discovery.mdns import MdnsAnnouncer, MdnsBrowser, MdnsNode, Sighting
+from cetd.discovery.mdns import MdnsAnnouncer, MdnsBrowser, MdnsNode, Sighting, _host_ipv4_addresses
 from cetd.errors import IdentityError
 from cetd.ids import DeviceId, HouseholdId
 
@@ -284,3 +285,12 @@ def test_node_and_interfaces_are_exclusive() -> None:
         MdnsAnnouncer(household.advert(0), node=node, interfaces=LOOPBACK)
     with pytest.raises(ValueError, match="not both"):
         MdnsBrowser(lambda sighting: None, node=node, interfaces=LOOPBACK)
+
+
+@pytest.mark.timeout(10)
+def test_default_published_addresses_are_the_hosts_non_loopback_ipv4() -> None:
+    addresses = _host_ipv4_addresses()
+    assert addresses, "at least one address is always published"
+    parsed = [ipaddress.IPv4Address(address) for address in addresses]
+    assert addresses == sorted(set(addresses))
+    assert not any(ip.is_loopback for ip in parsed) or addresses == ["127.0.0.1"]

@@ -182,8 +182,13 @@ class DaemonProcess:
         return result
 
     def peers(self) -> dict[str, Any]:
-        """What `cetctl peers --json` prints, fetched in-process (a subprocess per poll is too slow)."""
+        """What `cetctl peers --json` prints; fetched in-process (a subprocess per poll is slow) unless the
+        daemon lives in another network namespace."""
         import asyncio
+
+        if self.prefix:
+            data: dict[str, Any] = json.loads(self.cetctl("peers").stdout)
+            return data
 
         from cetd.cli.cetctl import view_as_dict
         from cetd.cli.connect import open_client
