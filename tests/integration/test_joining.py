@@ -140,3 +140,22 @@ def test_owner_approval_then_revocation_refused_within_a_heartbeat(tmp_path: Pat
         assert "revoked" in result.stderr
         view = member.peers()
         assert all(p["device_id"] != fresh.device_id or p["state"] == "revoked" for p in view["peers"])
+
+
+@pytest.mark.timeout(120)
+def test_zero_touch_token_in_config_joins_on_first_start(tmp_path: Path) -> None:
+    with Household.create(tmp_path, 1) as household:
+        household.start_all()
+        token = json.loads(household.daemons[0].cetctl("invite", "--ttl", "10m").stdout)["token"]
+        # The token is dropped into the config before the device's first boot; nobody runs `cetd join`.
+        device = new_daemon(tmp_path, "zerotouch", extra={"join": {"token": token, "owner_approval": False}})
+        household.daemons.append(device)
+        device.start()
+        device.wait_ready(timeout=30)
+        assert "joining with the configured token" in device.log()
+        wait_until(lambda: any(p["device_id"] == device.device_id and p["state"] == "alive"
+                               for p in household.daemons[0].peers()["peers"]), 10, what="zero-touch member alive")
+        # A restart uses the stored identity; the (now used) token is not needed again.
+        device.stop()
+        device.start()
+        device.wait_ready(timeout=30)
