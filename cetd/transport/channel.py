@@ -1,7 +1,8 @@
 """The runtime's only view of the network: point-to-point tensor exchange between the workers of a job.
 
-The runtime never imports grpc; the transport layer implements `PeerChannel` over mutual-TLS gRPC
-streams and the daemon's worker process hands one to the runtime. Calls are synchronous because torch
+This module is the interface and imports no grpc, so the runtime (above transport) can use it without
+ever touching grpc; `tensor_channel` implements `PeerChannel` over mutual-TLS gRPC streams and the
+daemon's worker process hands one to the runtime. Calls are synchronous because torch
 compute runs on the worker's main thread; implementations move bytes on their own threads so that a
 `send` overlaps the next computation.
 """

@@ -1,0 +1,1 @@
+"""Benchmarks: reproducible measurements behind the numbers quoted in DESIGN.md and the docs."""

@@ -1,0 +1,1 @@
+"""Tensor transport benchmark: cetd's mTLS tensor stream against a raw TLS socket and gloo."""
