@@ -28,6 +28,7 @@ from cetd.transport.household_client import PeerClient
 from cetd.transport.peer_info import HouseholdView, PeerStatus
 
 from .connect import open_client
+from .train import add_job_commands
 
 DEFAULT_STATE_DIR = Path(os.environ.get("CETD_STATE_DIR", "/var/lib/cetd"))
 
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = devices.add_parser("revoke", help="revoke a member for good")
     revoke.add_argument("device_id")
     revoke.set_defaults(handler=cmd_revoke)
+    add_job_commands(sub)
     return parser
 
 

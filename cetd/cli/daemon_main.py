@@ -10,6 +10,13 @@ Exit codes as in `cetctl`: 0 ok, 69 unreachable, 77 not authorized / bad token, 
 
 from __future__ import annotations
 
+import os
+
+# The daemon starts job processes (fork + exec). gRPC's fork handlers would run in the child between
+# fork and exec and can abort it while other threads are inside gRPC; the child only execs, so they are
+# not needed. Must be set before grpc is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import argparse
 import json
 import sys

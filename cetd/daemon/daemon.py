@@ -32,11 +32,14 @@ from cetd.identity import (
 )
 from cetd.ids import PROTOCOL_VERSION, DeviceId, HouseholdId
 from cetd.transport.household_server import EnrollmentEndpoint, MemberEndpoint
+from cetd.transport.jobs_service import SERVICE_NAME as JOBS_SERVICE_NAME
+from cetd.transport.jobs_service import add_jobs_service
 from cetd.transport.peer_info import Capabilities, PeerInfo
 
 from .capabilities import detect_capabilities
 from .config import Config
 from .household import HouseholdNode
+from .jobs import JobManager
 from .joining import join_household
 from .logs import set_log_device
 from .notify import sd_notify
@@ -161,8 +164,11 @@ class Daemon:
         )
         host = advertise_host(config)
         async with contextlib.AsyncExitStack() as stack:
+            jobs = JobManager(node, self.state, host=host, worker_threads=config.training.worker_threads)
+            stack.push_async_callback(jobs.close)
             member = await stack.enter_async_context(MemberEndpoint(
-                node, node.material, host=config.daemon.listen_host, port=config.daemon.port))
+                node, node.material, host=config.daemon.listen_host, port=config.daemon.port,
+                extra_services=[add_jobs_service(jobs)], extra_service_names=[JOBS_SERVICE_NAME]))
             enroll_port = 0
             if node.enroller is not None:
                 enrollment = await stack.enter_async_context(EnrollmentEndpoint(

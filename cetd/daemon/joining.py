@@ -88,7 +88,7 @@ async def join_household(
     )
     deadline = time.monotonic() + wait.total_seconds()
     foreign: set[str] = set()
-    announced = False
+    announced: set[bytes] = set()  # CA fingerprints whose verification code was shown
     last_error: CetdError | None = None
     while time.monotonic() < deadline:
         for host, port in await candidates():
@@ -123,12 +123,15 @@ async def join_household(
                 identity = load_identity(state)
                 logger.info("joined household %s as device %s via %s", identity.household_id, device_id, address)
                 return JoinOutcome(identity=identity, via=address)
-            if not announced:
-                code = verification_code(ca_fingerprint(ca), key.public_key())
-                logger.info("waiting for the owner to approve device %s; verification code %s", device_id, code)
+            fingerprint = ca_fingerprint(ca)
+            if fingerprint not in announced:
+                # Each household seen gets its own code: the owner compares the one their cetctl shows.
+                code = verification_code(fingerprint, key.public_key())
+                logger.info("waiting for the owner of household %s to approve device %s; verification code %s",
+                            fingerprint.hex()[:8], device_id, code)
                 if on_pending is not None:
                     on_pending(device_id, code)
-                announced = True
+                announced.add(fingerprint)
         await asyncio.sleep(poll_interval.total_seconds())
     if last_error is not None and foreign:
         raise TokenError(

@@ -49,7 +49,7 @@ def error_from_rpc(error: grpc.aio.AioRpcError, target: str) -> CetdError:
     return CetdError(details)
 
 
-async def _call(target: str, call: Awaitable[T]) -> T:
+async def call_rpc(target: str, call: Awaitable[T]) -> T:
     try:
         return await call
     except grpc.aio.AioRpcError as error:
@@ -80,17 +80,17 @@ class PeerClient:
 
     async def heartbeat(self, heartbeat: Heartbeat, timeout: timedelta = DEFAULT_TIMEOUT) -> Heartbeat:
         request = codec.heartbeat_to_request(heartbeat, PROTOCOL_VERSION)
-        reply = await _call(self.address, self._household.Heartbeat(request, timeout=timeout.total_seconds()))
+        reply = await call_rpc(self.address, self._household.Heartbeat(request, timeout=timeout.total_seconds()))
         return codec.heartbeat_from_response(reply)
 
     async def get_roster(self, timeout: timedelta = DEFAULT_TIMEOUT) -> SignedRoster:
-        reply = await _call(
+        reply = await call_rpc(
             self.address, self._household.GetRoster(pb.GetRosterRequest(), timeout=timeout.total_seconds())
         )
         return codec.roster_from_wire(reply)
 
     async def push_roster(self, roster: SignedRoster, timeout: timedelta = DEFAULT_TIMEOUT) -> int:
-        reply = await _call(
+        reply = await call_rpc(
             self.address,
             self._household.PushRoster(codec.roster_to_wire(roster), timeout=timeout.total_seconds()),
         )
@@ -101,17 +101,17 @@ class PeerClient:
             term=command.term, coordinator_id=command.coordinator_id, kind=command.kind,
             payload=command.payload,
         )
-        reply = await _call(self.address, self._household.Command(request, timeout=timeout.total_seconds()))
+        reply = await call_rpc(self.address, self._household.Command(request, timeout=timeout.total_seconds()))
         return Term(reply.term)
 
     async def list_peers(self, timeout: timedelta = DEFAULT_TIMEOUT) -> HouseholdView:
-        reply = await _call(
+        reply = await call_rpc(
             self.address, self._admin.ListPeers(pb.ListPeersRequest(), timeout=timeout.total_seconds())
         )
         return codec.view_from_wire(reply)
 
     async def create_invite(self, ttl: timedelta, timeout: timedelta = DEFAULT_TIMEOUT) -> tuple[str, float]:
-        reply = await _call(
+        reply = await call_rpc(
             self.address,
             self._admin.CreateInvite(
                 pb.CreateInviteRequest(ttl_s=ttl.total_seconds()), timeout=timeout.total_seconds()
@@ -120,20 +120,20 @@ class PeerClient:
         return reply.token, reply.expires_at
 
     async def list_pending(self, timeout: timedelta = DEFAULT_TIMEOUT) -> list[PeerStatus]:
-        reply = await _call(
+        reply = await call_rpc(
             self.address, self._admin.ListPending(pb.ListPendingRequest(), timeout=timeout.total_seconds())
         )
         return [codec.peer_status_from_wire(p) for p in reply.pending]
 
     async def approve(self, device_id: DeviceId, timeout: timedelta = DEFAULT_TIMEOUT) -> int:
-        reply = await _call(
+        reply = await call_rpc(
             self.address,
             self._admin.Approve(pb.DeviceRequest(device_id=device_id), timeout=timeout.total_seconds()),
         )
         return reply.roster_version
 
     async def revoke(self, device_id: DeviceId, timeout: timedelta = DEFAULT_TIMEOUT) -> int:
-        reply = await _call(
+        reply = await call_rpc(
             self.address,
             self._admin.Revoke(pb.DeviceRequest(device_id=device_id), timeout=timeout.total_seconds()),
         )
@@ -161,7 +161,7 @@ async def enroll(
         address, credentials, options=channel_options(tls_server_name)
     ) as channel:
         stub = pb_grpc.EnrollmentStub(channel)
-        reply = await _call(
+        reply = await call_rpc(
             address, stub.Enroll(codec.enroll_request_to_wire(request), timeout=timeout.total_seconds())
         )
     return codec.enroll_result_from_wire(reply)

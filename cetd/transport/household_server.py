@@ -64,7 +64,7 @@ class EnrollmentHandler(Protocol):
     async def enroll(self, request: EnrollRequest, peer: str) -> EnrollResult: ...
 
 
-async def _answer(context: Context, call: Awaitable[T]) -> T:
+async def answer(context: Context, call: Awaitable[T]) -> T:
     """Await a handler call, turning an expected failure into a gRPC status with its sentence."""
     try:
         return await call
@@ -91,14 +91,14 @@ class _HouseholdServicer(pb_grpc.HouseholdServicer):
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"heartbeat claims device {heartbeat.sender.device_id} but the certificate is {CALLER.get()}",
             )
-        reply = await _answer(context, self._handler.on_heartbeat(heartbeat))
+        reply = await answer(context, self._handler.on_heartbeat(heartbeat))
         return codec.heartbeat_to_response(reply)
 
     async def GetRoster(self, request: pb.GetRosterRequest, context: Context) -> pb.Roster:
         return codec.roster_to_wire(self._handler.signed_roster())
 
     async def PushRoster(self, request: pb.Roster, context: Context) -> pb.PushRosterResponse:
-        version = await _answer(context, self._handler.on_roster(codec.roster_from_wire(request)))
+        version = await answer(context, self._handler.on_roster(codec.roster_from_wire(request)))
         return pb.PushRosterResponse(version=version)
 
     async def Command(self, request: pb.CoordinatorCommand, context: Context) -> pb.CommandAck:
@@ -114,7 +114,7 @@ class _HouseholdServicer(pb_grpc.HouseholdServicer):
             kind=request.kind,
             payload=request.payload,
         )
-        term = await _answer(context, self._handler.on_command(command))
+        term = await answer(context, self._handler.on_command(command))
         return pb.CommandAck(term=term)
 
 
@@ -123,12 +123,12 @@ class _AdminServicer(pb_grpc.AdminServicer):
         self._handler = handler
 
     async def ListPeers(self, request: pb.ListPeersRequest, context: Context) -> pb.ListPeersResponse:
-        return codec.view_to_wire(await _answer(context, self._handler.list_peers()))
+        return codec.view_to_wire(await answer(context, self._handler.list_peers()))
 
     async def CreateInvite(
         self, request: pb.CreateInviteRequest, context: Context
     ) -> pb.CreateInviteResponse:
-        token, expires_at = await _answer(
+        token, expires_at = await answer(
             context, self._handler.create_invite(timedelta(seconds=request.ttl_s or 3600))
         )
         return pb.CreateInviteResponse(token=token, expires_at=expires_at)
@@ -136,15 +136,15 @@ class _AdminServicer(pb_grpc.AdminServicer):
     async def ListPending(
         self, request: pb.ListPendingRequest, context: Context
     ) -> pb.ListPendingResponse:
-        pending = await _answer(context, self._handler.list_pending())
+        pending = await answer(context, self._handler.list_pending())
         return pb.ListPendingResponse(pending=[codec.peer_status_to_wire(p) for p in pending])
 
     async def Approve(self, request: pb.DeviceRequest, context: Context) -> pb.DeviceResponse:
-        version = await _answer(context, self._handler.approve(DeviceId(request.device_id)))
+        version = await answer(context, self._handler.approve(DeviceId(request.device_id)))
         return pb.DeviceResponse(device_id=request.device_id, roster_version=version)
 
     async def Revoke(self, request: pb.DeviceRequest, context: Context) -> pb.DeviceResponse:
-        version = await _answer(context, self._handler.revoke(DeviceId(request.device_id)))
+        version = await answer(context, self._handler.revoke(DeviceId(request.device_id)))
         return pb.DeviceResponse(device_id=request.device_id, roster_version=version)
 
 
@@ -155,7 +155,7 @@ class _EnrollmentServicer(pb_grpc.EnrollmentServicer):
     async def Enroll(self, request: pb.EnrollRequest, context: Context) -> pb.EnrollResponse:
         if len(request.csr_pem) > 16 * 1024 or len(request.name) > 256:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "enrollment request too large")
-        result = await _answer(
+        result = await answer(
             context, self._handler.enroll(codec.enroll_request_from_wire(request), context.peer())
         )
         return codec.enroll_result_to_wire(result)

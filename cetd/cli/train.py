@@ -1,0 +1,170 @@
+"""`cetctl train`, `jobs`, `status` and `cancel`: start a training job, watch it, stop it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cetd.errors import JobError
+from cetd.runtime.spec import JobSpec, to_json
+from cetd.transport.household_client import PeerClient
+from cetd.transport.job_types import JobState, JobStatus
+from cetd.transport.jobs_service import JobsClient
+
+
+def _jobs(client: PeerClient) -> JobsClient:
+    return JobsClient(client.channel, client.address)
+
+
+def _local_path(text: str) -> str:
+    """Paths are resolved here, on the submitting device, where the daemon that runs the driver lives."""
+    return str(Path(text).expanduser().resolve())
+
+
+def spec_from_args(args: argparse.Namespace) -> JobSpec:
+    model = args.model
+    if Path(model).expanduser().exists() or "/" in model:
+        model = _local_path(model)
+    return JobSpec(
+        model=model, data=_local_path(args.data), output=_local_path(args.output) if args.output else "",
+        steps=args.steps, global_batch=args.batch, micro_batches=args.micro_batches, seq_len=args.seq_len,
+        lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, parallelism=args.parallelism,
+        devices=args.devices, schedule=args.schedule, sync_every=args.sync_every, precision=args.precision,
+    )
+
+
+def status_dict(status: JobStatus) -> dict[str, Any]:
+    data = asdict(status)
+    data["state"] = status.state.value
+    data["spec"] = json.loads(status.spec_json) if status.spec_json else None
+    data["plan"] = json.loads(status.plan_json) if status.plan_json else None
+    del data["spec_json"], data["plan_json"]
+    return data
+
+
+async def cmd_train(client: PeerClient, args: argparse.Namespace) -> int:
+    jobs = _jobs(client)
+    spec = spec_from_args(args)
+    status = await jobs.submit(to_json(spec))
+    job_id = status.job_id
+    if args.json:
+        print(json.dumps({"event": "submitted", "job": status_dict(status)}), flush=True)
+    else:
+        Console(stderr=True).print(f"job [bold]{job_id}[/] submitted; cancel with: cetctl cancel {job_id}")
+    final = status
+    progress = None if args.json else Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} samples/s"),
+        TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+    )
+    task = progress.add_task(job_id, total=spec.steps, loss="-", rate="-") if progress else None
+    if progress:
+        progress.start()
+    try:
+        async for event in jobs.watch(job_id):
+            final = event.status
+            if args.json:
+                line: dict[str, Any] = {"event": "step" if event.step else "status", "state": final.state.value}
+                if event.step:
+                    line.update(asdict(event.step))
+                print(json.dumps(line), flush=True)
+            elif progress is not None and task is not None and event.step is not None:
+                rate = event.step.samples / event.step.seconds if event.step.seconds else 0.0
+                progress.update(task, completed=event.step.step, loss=f"{event.step.loss:.4f}", rate=f"{rate:.1f}")
+            if final.state.finished:
+                break
+    finally:
+        if progress:
+            progress.stop()
+    return _conclude(final, args)
+
+
+def _conclude(status: JobStatus, args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps({"event": "finished", "job": status_dict(status)}), flush=True)
+    console = Console(stderr=True)
+    if status.state is JobState.SUCCEEDED:
+        if not args.json:
+            console.print(f"job {status.job_id} succeeded: final loss {status.last_loss:.4f}, "
+                          f"{status.seconds_per_sample:.4f} s/sample, {status.joules_per_sample:.3f} J/sample "
+                          f"({status.energy_source})" + (f"; model written to {status.output}" if status.output else ""))
+        return 0
+    if status.state is JobState.CANCELLED:
+        print(f"cetctl: job {status.job_id} was cancelled", file=sys.stderr)
+        return 130
+    print(f"cetctl: job {status.job_id} failed: {status.reason}", file=sys.stderr)
+    return JobError.exit_code
+
+
+async def cmd_jobs(client: PeerClient, args: argparse.Namespace) -> int:
+    jobs = await _jobs(client).list_jobs()
+    if args.json:
+        print(json.dumps([status_dict(j) for j in jobs], indent=2))
+        return 0
+    table = Table(title="jobs")
+    for column in ("job", "state", "steps", "loss", "s/sample", "J/sample", "reason"):
+        table.add_column(column)
+    for job in jobs:
+        table.add_row(job.job_id, job.state.value, f"{job.steps_done}/{job.steps_total}", f"{job.last_loss:.4f}",
+                      f"{job.seconds_per_sample:.4f}", f"{job.joules_per_sample:.3f}", job.reason)
+    Console().print(table)
+    return 0
+
+
+async def cmd_status(client: PeerClient, args: argparse.Namespace) -> int:
+    status = await _jobs(client).get(args.job_id)
+    data = status_dict(status)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        console = Console()
+        for key, value in data.items():
+            if key not in ("spec", "plan"):
+                console.print(f"[bold]{key}[/]: {value}")
+        if data["plan"]:
+            console.print(f"[bold]plan[/]: {data['plan']['reason']}")
+    return 0
+
+
+async def cmd_cancel(client: PeerClient, args: argparse.Namespace) -> int:
+    status = await _jobs(client).cancel(args.job_id)
+    if args.json:
+        print(json.dumps(status_dict(status)))
+    else:
+        print(f"job {status.job_id}: {status.state.value}")
+    return 0
+
+
+def add_job_commands(sub: Any) -> None:
+    train = sub.add_parser("train", help="train a model across the household")
+    train.add_argument("--model", required=True, help="save_pretrained folder, or a preset (gpt2-tiny, minilm, …)")
+    train.add_argument("--data", required=True, help="JSONL text (causal LM) or sentence pairs (JSONL/TSV)")
+    train.add_argument("--output", default="", help="folder for the trained model (save_pretrained)")
+    train.add_argument("--steps", type=int, default=20)
+    train.add_argument("--batch", type=int, default=8, help="global batch (examples per step)")
+    train.add_argument("--micro-batches", type=int, default=4)
+    train.add_argument("--seq-len", type=int, default=32)
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--parallelism", choices=["auto", "single", "pipeline", "tensor", "data"], default="auto")
+    train.add_argument("--devices", type=int, default=0, help="devices to use (0: the planner decides)")
+    train.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
+    train.add_argument("--sync-every", type=int, default=1, help="data parallel: synchronise every k steps")
+    train.add_argument("--precision", choices=["float32", "float64"], default="float32")
+    train.set_defaults(handler=cmd_train)
+    sub.add_parser("jobs", help="list jobs").set_defaults(handler=cmd_jobs)
+    status = sub.add_parser("status", help="one job's state, plan and metrics")
+    status.add_argument("job_id")
+    status.set_defaults(handler=cmd_status)
+    cancel = sub.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(handler=cmd_cancel)

@@ -1,0 +1,112 @@
+"""Supervision of one job process (driver or worker): spawn fresh, talk JSON lines, reap.
+
+A job process is a new Python interpreter (`python -m cetd.daemon.worker_main`), never a fork of the
+daemon, whose live gRPC streams would not survive one. Its stderr goes to a log file next to the
+job's state; when it dies, the last lines of that log become the failure reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from cetd.errors import JobError
+
+logger = logging.getLogger(__name__)
+
+
+class JobProcess:
+    """One running driver or worker; an async context manager that kills it on exit."""
+
+    def __init__(self, *, name: str, log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self, launch: dict[str, Any]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "cetd.daemon.worker_main",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+                limit=16 * 1024 * 1024,
+            )
+        await self.send(launch)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self._process is not None and self._process.stdin is not None
+        self._process.stdin.write((json.dumps(message) + "\n").encode())
+        with contextlib.suppress(ConnectionError):
+            await self._process.stdin.drain()
+
+    async def next_event(self, timeout: timedelta | None = None) -> dict[str, Any]:
+        """The next event the process prints; a process that dies becomes a ``failed`` event."""
+        assert self._process is not None and self._process.stdout is not None
+        try:
+            line = await asyncio.wait_for(self._process.stdout.readline(),
+                                          timeout.total_seconds() if timeout else None)
+        except TimeoutError:
+            raise JobError(f"{self.name} did not answer within {timeout}") from None
+        if not line:
+            code = await self._process.wait()
+            return {"event": "failed", "reason": f"{self.name} exited with code {code}: {self._log_tail()}"}
+        try:
+            event: dict[str, Any] = json.loads(line)
+        except ValueError:
+            return {"event": "log", "line": line.decode(errors="replace").rstrip()}
+        return event
+
+    async def expect(self, wanted: str, timeout: timedelta | None = None) -> dict[str, Any]:
+        """Wait for event ``wanted``; raise `JobError` with the process's reason if it fails first."""
+        while True:
+            event = await self.next_event(timeout)
+            if event.get("event") == wanted:
+                return event
+            if event.get("event") == "failed":
+                raise JobError(str(event.get("reason", f"{self.name} failed")))
+
+    async def stop(self, grace: timedelta = timedelta(seconds=3)) -> int | None:
+        """Ask politely (SIGTERM), then kill; return the exit code."""
+        process = self._process
+        if process is None:
+            return None
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), grace.total_seconds())
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        return process.returncode
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        interesting = [line for line in lines if line.strip()][-3:]
+        return " | ".join(interesting) or "no output"
+
+    async def __aenter__(self) -> JobProcess:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

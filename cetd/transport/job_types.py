@@ -1,0 +1,94 @@
+"""Domain types of the jobs API, free of protobuf (see `jobs_codec` for the conversion).
+
+Spec, plan and model description travel as JSON documents owned by `cetd.runtime.spec`; here they are
+opaque strings so that the control plane never needs torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class JobState(Enum):
+    QUEUED = "queued"
+    DESCRIBING = "describing"
+    """The driver on the submitting device loads and checks the model and the data."""
+    LAUNCHING = "launching"
+    """The coordinator plans and starts the workers."""
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepProgress:
+    step: int
+    loss: float
+    seconds: float
+    samples: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobStatus:
+    """Everything `cetctl status JOB` shows."""
+
+    job_id: str
+    state: JobState
+    reason: str = ""
+    spec_json: str = ""
+    plan_json: str = ""
+    submitter_id: str = ""
+    steps_done: int = 0
+    steps_total: int = 0
+    last_loss: float = 0.0
+    seconds_per_sample: float = 0.0
+    joules_per_sample: float = 0.0
+    energy_source: str = ""
+    output: str = ""
+    created_at: float = 0.0
+    finished_at: float = 0.0
+    term: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobEvent:
+    """One item of a job's watch stream: the status, and the step that just finished (if any)."""
+
+    status: JobStatus
+    step: StepProgress | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerEndpoint:
+    """Where the worker of one rank receives tensors."""
+
+    rank: int
+    device_id: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LaunchResult:
+    plan_json: str
+    endpoints: tuple[WorkerEndpoint, ...]
+    term: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerLaunch:
+    """The coordinator's order to start one worker (carries the coordinator's term)."""
+
+    term: int
+    coordinator_id: str
+    job_id: str
+    rank: int
+    spec_json: str
+    plan_json: str
+    description_json: str
+    submitter_id: str

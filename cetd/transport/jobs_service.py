@@ -1,0 +1,156 @@
+"""The jobs service: servicer (wire → `JobsHandler`) and the typed client for it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any, Protocol
+
+import grpc
+
+from cetd.ids import DeviceId
+from cetd.transport import jobs_codec as codec
+from cetd.transport.auth import CALLER
+from cetd.transport.household_client import DEFAULT_TIMEOUT, call_rpc, error_from_rpc
+from cetd.transport.household_server import answer
+from cetd.transport.job_types import JobEvent, JobStatus, LaunchResult, WorkerEndpoint, WorkerLaunch
+from cetd.wire import jobs_pb2 as pb
+from cetd.wire import jobs_pb2_grpc as pb_grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Jobs"].full_name
+
+
+class JobsHandler(Protocol):
+    """What the daemon does with job calls; ``caller`` is the authenticated device that called."""
+
+    async def submit(self, spec_json: str, caller: DeviceId) -> JobStatus: ...
+    def watch(self, job_id: str) -> AsyncIterator[JobEvent]: ...
+    async def list_jobs(self) -> list[JobStatus]: ...
+    async def get(self, job_id: str) -> JobStatus: ...
+    async def cancel(self, job_id: str) -> JobStatus: ...
+    async def launch(self, job_id: str, spec_json: str, description_json: str, driver_address: str,
+                     caller: DeviceId) -> LaunchResult: ...
+    async def start_worker(self, launch: WorkerLaunch, caller: DeviceId) -> str: ...
+    async def connect_worker(self, term: int, coordinator_id: str, job_id: str,
+                             endpoints: tuple[WorkerEndpoint, ...], caller: DeviceId) -> None: ...
+    async def stop_worker(self, job_id: str, caller: DeviceId) -> None: ...
+    async def report(self, status: JobStatus, caller: DeviceId) -> None: ...
+
+
+class JobsServicer(pb_grpc.JobsServicer):
+    def __init__(self, handler: JobsHandler) -> None:
+        self._handler = handler
+
+    async def Submit(self, request: pb.SubmitRequest, context: Context) -> pb.JobStatus:
+        status = await answer(context, self._handler.submit(request.spec_json, CALLER.get()))
+        return codec.status_to_wire(status)
+
+    async def Watch(self, request: pb.WatchRequest, context: Context) -> AsyncIterator[pb.JobEvent]:
+        async for event in self._handler.watch(request.job_id):
+            yield codec.event_to_wire(event)
+
+    async def List(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
+        jobs = await answer(context, self._handler.list_jobs())
+        return pb.ListJobsResponse(jobs=[codec.status_to_wire(j) for j in jobs])
+
+    async def Get(self, request: pb.JobRequest, context: Context) -> pb.JobStatus:
+        return codec.status_to_wire(await answer(context, self._handler.get(request.job_id)))
+
+    async def Cancel(self, request: pb.JobRequest, context: Context) -> pb.JobStatus:
+        return codec.status_to_wire(await answer(context, self._handler.cancel(request.job_id)))
+
+    async def Launch(self, request: pb.LaunchRequest, context: Context) -> pb.LaunchResponse:
+        result = await answer(context, self._handler.launch(
+            request.job_id, request.spec_json, request.description_json, request.driver_address, CALLER.get()))
+        return codec.launch_result_to_wire(result)
+
+    async def StartWorker(self, request: pb.StartWorkerRequest, context: Context) -> pb.StartWorkerResponse:
+        address = await answer(context, self._handler.start_worker(
+            codec.worker_launch_from_wire(request), CALLER.get()))
+        return pb.StartWorkerResponse(address=address)
+
+    async def ConnectWorker(self, request: pb.ConnectWorkerRequest, context: Context) -> pb.WorkerAck:
+        await answer(context, self._handler.connect_worker(
+            request.term, request.coordinator_id, request.job_id, codec.endpoints_from_wire(request.endpoints),
+            CALLER.get()))
+        return pb.WorkerAck()
+
+    async def StopWorker(self, request: pb.JobRequest, context: Context) -> pb.WorkerAck:
+        await answer(context, self._handler.stop_worker(request.job_id, CALLER.get()))
+        return pb.WorkerAck()
+
+    async def Report(self, request: pb.JobReport, context: Context) -> pb.WorkerAck:
+        await answer(context, self._handler.report(codec.status_from_wire(request.status), CALLER.get()))
+        return pb.WorkerAck()
+
+
+def add_jobs_service(handler: JobsHandler) -> Any:
+    """A `ServicerAdder` for `MemberEndpoint`."""
+
+    def add(server: grpc.aio.Server) -> None:
+        pb_grpc.add_JobsServicer_to_server(JobsServicer(handler), server)
+
+    return add
+
+
+class JobsClient:
+    """Calls the jobs service of one member over an existing mutual-TLS channel."""
+
+    def __init__(self, channel: grpc.aio.Channel, target: str) -> None:
+        self._stub = pb_grpc.JobsStub(channel)
+        self._target = target
+
+    async def submit(self, spec_json: str, timeout: timedelta = timedelta(minutes=5)) -> JobStatus:
+        reply = await call_rpc(self._target, self._stub.Submit(pb.SubmitRequest(spec_json=spec_json),
+                                                            timeout=timeout.total_seconds()))
+        return codec.status_from_wire(reply)
+
+    async def watch(self, job_id: str) -> AsyncIterator[JobEvent]:
+        call = self._stub.Watch(pb.WatchRequest(job_id=job_id))
+        try:
+            async for event in call:
+                yield codec.event_from_wire(event)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_rpc(error, self._target) from None
+
+    async def list_jobs(self, timeout: timedelta = DEFAULT_TIMEOUT) -> list[JobStatus]:
+        reply = await call_rpc(self._target, self._stub.List(pb.ListJobsRequest(), timeout=timeout.total_seconds()))
+        return [codec.status_from_wire(j) for j in reply.jobs]
+
+    async def get(self, job_id: str, timeout: timedelta = DEFAULT_TIMEOUT) -> JobStatus:
+        reply = await call_rpc(self._target, self._stub.Get(pb.JobRequest(job_id=job_id),
+                                                         timeout=timeout.total_seconds()))
+        return codec.status_from_wire(reply)
+
+    async def cancel(self, job_id: str, timeout: timedelta = timedelta(seconds=30)) -> JobStatus:
+        reply = await call_rpc(self._target, self._stub.Cancel(pb.JobRequest(job_id=job_id),
+                                                            timeout=timeout.total_seconds()))
+        return codec.status_from_wire(reply)
+
+    async def launch(self, job_id: str, spec_json: str, description_json: str, driver_address: str,
+                     timeout: timedelta = timedelta(minutes=3)) -> LaunchResult:
+        request = pb.LaunchRequest(job_id=job_id, spec_json=spec_json, description_json=description_json,
+                                   driver_address=driver_address)
+        reply = await call_rpc(self._target, self._stub.Launch(request, timeout=timeout.total_seconds()))
+        return codec.launch_result_from_wire(reply)
+
+    async def start_worker(self, launch: WorkerLaunch, timeout: timedelta = timedelta(minutes=2)) -> str:
+        reply = await call_rpc(self._target, self._stub.StartWorker(codec.worker_launch_to_wire(launch),
+                                                                 timeout=timeout.total_seconds()))
+        return reply.address
+
+    async def connect_worker(self, term: int, coordinator_id: str, job_id: str,
+                             endpoints: tuple[WorkerEndpoint, ...], timeout: timedelta = DEFAULT_TIMEOUT) -> None:
+        request = pb.ConnectWorkerRequest(term=term, coordinator_id=coordinator_id, job_id=job_id,
+                                          endpoints=codec.endpoints_to_wire(endpoints))
+        await call_rpc(self._target, self._stub.ConnectWorker(request, timeout=timeout.total_seconds()))
+
+    async def stop_worker(self, job_id: str, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
+        await call_rpc(self._target, self._stub.StopWorker(pb.JobRequest(job_id=job_id),
+                                                        timeout=timeout.total_seconds()))
+
+    async def report(self, status: JobStatus, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
+        await call_rpc(self._target, self._stub.Report(pb.JobReport(status=codec.status_to_wire(status)),
+                                                    timeout=timeout.total_seconds()))

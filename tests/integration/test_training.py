@@ -1,0 +1,154 @@
+"""Distributed training through real daemons equals single-process training.
+
+A household of four daemon processes on 127.0.0.1; each job is submitted with the real `cetctl train`
+and runs in fresh worker processes that stream tensors over mutual TLS. The losses it reports and the
+model it writes (loaded back with plain `transformers`) are compared with the reference trainer run
+in this test process on the same model, seed and data order.
+
+Tolerance: 1e-5 absolute on every step's loss and every final parameter (float32, lr 1e-4). Splitting
+a matrix product changes the order of float32 additions; AdamW turns those last-bit differences into
+parameter differences of order lr × 1e-3, far below 1e-5 here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.integration.rig import Household, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TOLERANCE = 1e-5
+STEPS = 20
+COMMON = {"--steps": str(STEPS), "--batch": "8", "--micro-batches": "4", "--seq-len": "16", "--lr": "1e-4",
+          "--seed": "3"}
+
+
+def write_text_data(path: Path) -> Path:
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "seven", "small", "birds", "sing"]
+    with path.open("w") as stream:
+        for i in range(80):
+            line = " ".join(words[(i * j) % len(words)] for j in range(3, 3 + 6 + i % 5))
+            stream.write(json.dumps({"text": f"{line} {i}"}) + "\n")
+    return path
+
+
+def write_pair_data(path: Path) -> Path:
+    with path.open("w") as stream:
+        for i in range(80):
+            stream.write(json.dumps({"question": f"what is item {i}?", "sentence": f"item {i} is a thing "
+                                     f"number {i % 7}", "label": i % 2}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def household(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Household]:
+    root = tmp_path_factory.mktemp("training")
+    with Household.create(root, 4, extra={"training": {"worker_threads": 1}}) as house:
+        house.start_all()
+        wait_until(house.agreed_coordinator, 20, what="a coordinator")
+        yield house
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    return {"gpt2-tiny": write_text_data(root / "text.jsonl"), "minilm": write_pair_data(root / "pairs.jsonl")}
+
+
+_REFERENCES: dict[str, tuple[list[float], dict[str, torch.Tensor], torch.nn.Module]] = {}
+
+
+def reference(model_name: str, data_path: Path) -> tuple[list[float], dict[str, torch.Tensor], torch.nn.Module]:
+    """Single-process training of the same job (cached per model)."""
+    if model_name in _REFERENCES:
+        return _REFERENCES[model_name]
+    from cetd.runtime.data import load_dataset, step_batches, tokenizer_for
+    from cetd.runtime.models.loading import load_model
+    from cetd.runtime.reference import AdamWSettings, train_reference
+
+    torch.set_num_threads(1)
+    seed = int(COMMON["--seed"])
+    model, pretrained, adapter = load_model(model_name, seed=seed, dtype=torch.float32)
+    dataset = load_dataset(data_path, task=adapter.task, tokenizer=tokenizer_for(pretrained, model.config),
+                           seq_len=int(COMMON["--seq-len"]), max_seq_len=adapter.max_seq_len())
+    batches = [step_batches(dataset, step, global_batch=8, micro_batches=4, seed=seed) for step in range(STEPS)]
+    run = train_reference(model, batches, settings=AdamWSettings(lr=1e-4, weight_decay=0.0), seed=seed,
+                          adapter=adapter)
+    model.eval()
+    _REFERENCES[model_name] = (list(run.losses), {k: v.detach().clone() for k, v in run.state_dict.items()}, model)
+    return _REFERENCES[model_name]
+
+
+def train(household: Household, submitter: int, args: dict[str, str], output: Path) -> tuple[dict[str, Any], list[float]]:
+    argv = ["train", *[x for pair in args.items() for x in pair], "--output", str(output)]
+    result = household.daemons[submitter].cetctl(*argv, check=False, timeout=600)
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    finished = events[-1]["job"] if events and events[-1]["event"] == "finished" else {}
+    assert result.returncode == 0, f"{result.stderr}\n{household.logs()[-4000:]}"
+    losses = [e["loss"] for e in events if e["event"] == "step"]
+    return finished, losses
+
+
+CASES = [
+    ("pipeline", 2, "gpipe"), ("pipeline", 2, "1f1b"), ("pipeline", 3, "gpipe"), ("pipeline", 3, "1f1b"),
+    ("tensor", 2, "1f1b"), ("data", 2, "1f1b"),
+]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("model_name", ["gpt2-tiny", "minilm"])
+@pytest.mark.parametrize(("parallelism", "devices", "schedule"), CASES)
+def test_distributed_training_matches_single_process(
+    household: Household, data: dict[str, Path], tmp_path: Path, model_name: str, parallelism: str, devices: int,
+    schedule: str,
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    ref_losses, ref_state, ref_model = reference(model_name, data[model_name])
+    output = tmp_path / "out"
+    args = {**COMMON, "--model": model_name, "--data": str(data[model_name]), "--parallelism": parallelism,
+            "--devices": str(devices), "--schedule": schedule}
+    job, losses = train(household, submitter=len(household.daemons) - 1, args=args, output=output)
+    plan = job["plan"]
+    assert plan["parallelism"] == parallelism
+    assert len(plan["workers"]) == devices
+    assert len({w["device_id"] for w in plan["workers"]}) == devices, "each share on its own device"
+    assert job["seconds_per_sample"] > 0
+    assert job["joules_per_sample"] > 0
+
+    assert len(losses) == STEPS
+    loss_gap = max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))
+    auto = AutoModelForCausalLM if model_name.startswith("gpt2") else AutoModelForSequenceClassification
+    trained = auto.from_pretrained(output, local_files_only=True, attn_implementation="eager")
+    state = trained.state_dict()
+    param_gap = max(
+        (state[name].float() - value.float()).abs().max().item() for name, value in ref_state.items()
+    )
+    # The exported folder, loaded with plain transformers, computes the trained model's logits.
+    trained.eval()
+    ids = torch.randint(5, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logit_gap = (trained(input_ids=ids).logits - ref_model(input_ids=ids).logits).abs().max().item()
+    print(f"\n[equivalence] {model_name} {parallelism}×{devices} {schedule}: max |Δloss| {loss_gap:.2e}, "
+          f"max |Δparam| {param_gap:.2e}, max |Δlogit| {logit_gap:.2e}")
+    assert logit_gap <= TOLERANCE
+    assert all(math.isfinite(x) for x in losses)
+    assert loss_gap <= TOLERANCE
+    assert param_gap <= TOLERANCE
+    assert losses[-1] < losses[0], "training must make progress"
+
+
+def test_cli_without_daemon_fails_cleanly(tmp_path: Path) -> None:
+    result = subprocess.run(["python", "-m", "cetd.cli.cetctl", "--state-dir", str(tmp_path), "jobs"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
