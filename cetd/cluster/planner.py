@@ -1,64 +1,76 @@
 """The job planner: which devices take part, with which parallelism and which share of the model.
 
-Pure: a function of the job, the model's description and the devices on offer. It never lets a device's
-predicted training memory exceed what that device offers, and it refuses with a sentence when no plan
-fits. Stage boundaries balance the blocks, counting the embedding and the head as extra load on the
-first and last stage.
+Pure: a function of the job, the model's description, the devices on offer (with their measured speed,
+memory and power profile) and the links between them. It enumerates candidate plans — one device;
+data parallel over the fastest devices; tensor parallel; pipelines over subsets and orders of the
+devices with stage boundaries from an exact search; optionally pipeline × data hybrids — prices each
+with `cetd.cluster.cost_model.predict`, drops every one that would exceed any device's memory, and keeps
+the best for the objective (``throughput``: seconds per sample; ``energy``: joules per sample). A device
+left out is named in the plan's reason with what including it would cost. It refuses with a sentence
+when no plan fits.
+
+Stage boundaries: for a chain of devices the pipeline step is Σ r + (M − 1) × max r over stage and link
+times r. For every candidate bound B on the slowest stage, a dynamic programme over (stage, first block)
+finds the boundaries with the least total stage time whose stages all stay within B and within memory;
+the best B wins. That is exact for the cost model, and cheap because B stops growing once (M − 1) × B
+alone exceeds the best step found. Boundaries always minimise time (the fastest split of a given chain
+also keeps every device on for the least time); the energy objective acts through which devices,
+chains and parallelism are chosen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
+from cetd.cluster.cost_model import (
+    OPTIMIZER_COPIES,
+    RUNTIME_OVERHEAD_BYTES,
+    DeviceOffer,
+    LinkMap,
+    ModelCosts,
+    Prediction,
+    activation_bytes,
+    block_seconds_per_sample,
+    boundary_seconds,
+    bytes_per_number,
+    in_flight,
+    link_between,
+    model_costs,
+    power_profile,
+    predict,
+    stage_memory,
+    training_memory,
+)
+from cetd.cluster.power import PowerProfile
 from cetd.errors import JobError
-from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, Parallelism, WorkerAssignment
+from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, Objective, Parallelism, WorkerAssignment
 
-RUNTIME_OVERHEAD_BYTES = 400 * 1024**2
-"""Resident memory of a worker before any model: Python, torch, grpc (measured: ~350 MB here)."""
+__all__ = [
+    "OPTIMIZER_COPIES",
+    "RUNTIME_OVERHEAD_BYTES",
+    "DeviceOffer",
+    "PlannedJob",
+    "activation_bytes",
+    "bytes_per_number",
+    "even_pipeline_plan",
+    "pipeline_plan",
+    "plan_job",
+    "plan_with_prediction",
+    "split_blocks",
+    "training_memory",
+    "what_if",
+]
 
-OPTIMIZER_COPIES = 4
-"""Weights, gradients and AdamW's two moments: four numbers per parameter."""
+EXHAUSTIVE_DEVICES = 5
+"""Up to this many devices every subset is tried; above it, the fastest, the roomiest and the thriftiest."""
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceOffer:
-    """A live member as the planner sees it."""
-
-    device_id: str
-    memory_bytes: int
-    cores: int
-    rank: float = 0.0
+_INFINITY = float("inf")
 
 
 def _gib(n: int) -> str:
     return f"{n / 1024**3:.2f} GiB"
-
-
-def bytes_per_number(spec: JobSpec) -> int:
-    return 8 if spec.precision == "float64" else 4
-
-
-def activation_bytes(spec: JobSpec, description: ModelDescription, blocks: int) -> int:
-    """Activations kept for backward by ``blocks`` blocks for the micro-batches in flight.
-
-    Per block and token roughly 16 hidden-sized tensors plus the attention scores (heads × seq); with
-    1F1B at most ``stages`` micro-batches are in flight, with GPipe all of them: we take all (safe).
-    """
-    micro = max(1, spec.global_batch // spec.micro_batches)
-    tokens = micro * spec.seq_len
-    per_block = tokens * (16 * description.hidden_size + 2 * description.num_heads * spec.seq_len)
-    return per_block * max(blocks, 1) * spec.micro_batches * bytes_per_number(spec)
-
-
-def training_memory(spec: JobSpec, description: ModelDescription, *, parameters: int, blocks: int) -> int:
-    """Predicted peak memory of a worker holding ``parameters`` parameters and ``blocks`` blocks."""
-    state = parameters * bytes_per_number(spec) * OPTIMIZER_COPIES
-    return RUNTIME_OVERHEAD_BYTES + state + activation_bytes(spec, description, blocks)
-
-
-def embedding_and_head_parameters(description: ModelDescription) -> int:
-    return max(0, description.parameter_count - description.num_blocks * description.block_parameter_count)
 
 
 def split_blocks(num_blocks: int, stages: int) -> list[tuple[int, int]]:
@@ -77,105 +89,374 @@ def split_blocks(num_blocks: int, stages: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def _choose_devices(devices: Sequence[DeviceOffer], count: int) -> list[DeviceOffer]:
-    ordered = sorted(devices, key=lambda d: (d.memory_bytes, d.cores, d.rank, d.device_id), reverse=True)
-    return ordered[:count]
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlannedJob:
+    """A plan with the cost model's forecast for it."""
+
+    plan: JobPlan
+    prediction: Prediction
+    left_out: dict[str, str] = field(default_factory=dict)
+    """Device ID → why it does not take part."""
 
 
-def plan_job(spec: JobSpec, description: ModelDescription, devices: Sequence[DeviceOffer]) -> JobPlan:
-    """Plan ``spec`` on ``devices``.
+@dataclass(slots=True)
+class _Search:
+    spec: JobSpec
+    description: ModelDescription
+    offers: list[DeviceOffer]
+    objective: Objective
+    profiles: Mapping[str, PowerProfile] | None
+    links: LinkMap | None
+    costs: ModelCosts
+    speed: dict[str, float]
+    found: list[PlannedJob] = field(default_factory=list)
+    tried: int = 0
 
-    Raises:
-        JobError: too few devices, a parallelism the model cannot be split for, or a share that exceeds
-            a device's memory (the message says how much is needed and available).
-    """
-    if not devices:
+    def score(self, candidate: PlannedJob) -> tuple[float, float]:
+        p = candidate.prediction
+        if self.objective == "energy":
+            return (p.joules_per_sample, p.seconds_per_sample)
+        return (p.seconds_per_sample, p.joules_per_sample)
+
+    def value(self, candidate: PlannedJob) -> float:
+        return self.score(candidate)[0]
+
+    def consider(self, plan: JobPlan) -> None:
+        self.tried += 1
+        prediction = predict(self.spec, self.description, plan, self.offers, links=self.links,
+                             profiles=self.profiles, costs=self.costs)
+        limits = {o.device_id: o.memory_bytes for o in self.offers}
+        if all(need <= limits[d] for d, need in prediction.memory_bytes.items()):
+            self.found.append(PlannedJob(plan=plan, prediction=prediction))
+
+
+def _plan(parallelism: Parallelism, workers: Iterable[WorkerAssignment], spec: JobSpec) -> JobPlan:
+    return JobPlan(parallelism=parallelism, workers=tuple(workers), schedule=spec.schedule,
+                   micro_batches=spec.micro_batches)
+
+
+def _whole_workers(devices: Sequence[DeviceOffer], num_blocks: int, *, tensor: bool) -> list[WorkerAssignment]:
+    return [WorkerAssignment(rank=i + 1, device_id=d.device_id, end_block=num_blocks,
+                             tp_index=i if tensor else 0, dp_index=0 if tensor else i)
+            for i, d in enumerate(devices)]
+
+
+def pipeline_plan(spec: JobSpec, chain: Sequence[DeviceOffer], ranges: Sequence[tuple[int, int]], *,
+                  replica: int = 0, first_rank: int = 1) -> JobPlan:
+    """A pipeline over ``chain`` (stage order) with the given block ranges."""
+    workers = [WorkerAssignment(rank=first_rank + s, device_id=d.device_id, stage=s, start_block=start,
+                                end_block=end, dp_index=replica)
+               for s, (d, (start, end)) in enumerate(zip(chain, ranges, strict=True))]
+    return _plan("pipeline", workers, spec)
+
+
+def even_pipeline_plan(spec: JobSpec, description: ModelDescription, chain: Sequence[DeviceOffer]) -> JobPlan:
+    """The speed-blind pipeline: `split_blocks` over ``chain``."""
+    return pipeline_plan(spec, chain, split_blocks(description.num_blocks, len(chain)))
+
+
+def _partition(search: _Search, chain: Sequence[DeviceOffer], micro_batches: int) -> list[tuple[int, int]] | None:
+    """The stage boundaries minimising Σ stage times + (M − 1) × the slowest (stages and links), within memory."""
+    spec, costs, blocks = search.spec, search.costs, search.description.num_blocks
+    stages = len(chain)
+    if not 1 <= stages <= blocks:
+        return None
+    micro = max(1, spec.global_batch // spec.micro_batches)
+    links = [boundary_seconds(costs, micro, link_between(search.links, a.device_id, b.device_id))
+             for a, b in itertools.pairwise(chain)]
+    link_sum, link_max = sum(links), max(links, default=0.0)
+    # time[s][i][j]: stage s holding blocks [i, j); infinite where it would not fit in memory.
+    time = [[[_INFINITY] * (blocks + 1) for _ in range(blocks + 1)] for _ in range(stages)]
+    for s, device in enumerate(chain):
+        rate = micro * search.speed[device.device_id]
+        extra = (costs.embedding_blocks if s == 0 else 0.0) + (costs.head_blocks if s == stages - 1 else 0.0)
+        keep = in_flight(spec, s, stages)
+        for i in range(s, blocks - (stages - s) + 1):
+            for j in range(i + 1, blocks - (stages - s - 1) + 1):
+                need = stage_memory(spec, costs, blocks=j - i, first=s == 0, last=s == stages - 1, in_flight=keep)
+                if need <= device.memory_bytes:
+                    time[s][i][j] = rate * (j - i + extra)
+
+    def least_sum(bound: float) -> tuple[float, list[tuple[int, int]]]:
+        best = [[_INFINITY] * (blocks + 1) for _ in range(stages + 1)]
+        choice = [[0] * (blocks + 1) for _ in range(stages + 1)]
+        best[stages][blocks] = 0.0
+        for s in range(stages - 1, -1, -1):
+            for i in range(blocks):
+                for j in range(i + 1, blocks + 1):
+                    t = time[s][i][j]
+                    if t <= bound and t + best[s + 1][j] < best[s][i]:
+                        best[s][i], choice[s][i] = t + best[s + 1][j], j
+        if best[0][0] == _INFINITY:
+            return _INFINITY, []
+        ranges, start = [], 0
+        for s in range(stages):
+            ranges.append((start, choice[s][start]))
+            start = choice[s][start]
+        return best[0][0], ranges
+
+    floor, _ = least_sum(_INFINITY)
+    if floor == _INFINITY:
+        return None
+    bounds = sorted({t for row in time for line in row for t in line if t < _INFINITY})
+    best_step, best_ranges = _INFINITY, None
+    for bound in bounds:
+        if floor + link_sum + (micro_batches - 1) * max(bound, link_max) >= best_step:
+            break
+        total, ranges = least_sum(bound)
+        if total == _INFINITY:
+            continue
+        step = total + link_sum + (micro_batches - 1) * max(bound, link_max)
+        if step < best_step:
+            best_step, best_ranges = step, ranges
+    return best_ranges
+
+
+def _orders(search: _Search, devices: Sequence[DeviceOffer]) -> Iterable[list[DeviceOffer]]:
+    """Stage orders worth trying. With uniform links only the ends matter (embedding first, head last)."""
+    ordered = sorted(devices, key=lambda d: (search.speed[d.device_id], d.device_id))
+    if len(ordered) <= 2:
+        yield from (list(p) for p in itertools.permutations(ordered))
+        return
+    if search.links and len(ordered) <= 5:
+        yield from (list(p) for p in itertools.permutations(ordered))
+        return
+    for first, last in itertools.permutations(ordered, 2):
+        yield [first, *(d for d in ordered if d is not first and d is not last), last]
+
+
+def _subsets(search: _Search, count: int) -> list[tuple[DeviceOffer, ...]]:
+    """Device subsets of size ``count``: all of them for few devices, else the most promising few."""
+    offers = search.offers
+    if len(offers) <= EXHAUSTIVE_DEVICES:
+        return list(itertools.combinations(offers, count))
+
+    def thrift(d: DeviceOffer) -> float:
+        profile = power_profile(d, search.profiles)
+        watts = profile.accelerator_watts if d.accelerator else profile.watts_per_core * d.cores
+        return search.speed[d.device_id] * (watts + profile.idle_watts)
+
+    keys = (lambda d: search.speed[d.device_id], lambda d: -d.memory_bytes, thrift)
+    picks = {tuple(sorted(offers, key=lambda d: (key(d), d.device_id))[:count]) for key in keys}
+    return sorted(picks, key=lambda group: [d.device_id for d in group])
+
+
+def _counts(search: _Search, limit: int) -> range:
+    if search.spec.devices:
+        return range(search.spec.devices, search.spec.devices + 1) if search.spec.devices <= limit else range(0)
+    return range(2, limit + 1)
+
+
+def _search_single(search: _Search) -> None:
+    if search.spec.devices > 1:
+        return
+    for device in search.offers:
+        search.consider(_plan("single", _whole_workers([device], search.description.num_blocks, tensor=False),
+                              search.spec))
+
+
+def _search_data(search: _Search) -> None:
+    for count in _counts(search, min(len(search.offers), search.spec.micro_batches)):
+        for group in _subsets(search, count):
+            ordered = sorted(group, key=lambda d: (search.speed[d.device_id], d.device_id))
+            search.consider(_plan("data", _whole_workers(ordered, search.description.num_blocks, tensor=False),
+                                  search.spec))
+
+
+def _search_tensor(search: _Search) -> None:
+    for count in _counts(search, min(len(search.offers), search.description.num_heads)):
+        for group in _subsets(search, count):
+            ordered = sorted(group, key=lambda d: (search.speed[d.device_id], d.device_id))
+            search.consider(_plan("tensor", _whole_workers(ordered, search.description.num_blocks, tensor=True),
+                                  search.spec))
+
+
+def _search_pipeline(search: _Search) -> None:
+    for count in _counts(search, min(len(search.offers), search.description.num_blocks)):
+        for group in _subsets(search, count):
+            for chain in _orders(search, group):
+                ranges = _partition(search, chain, search.spec.micro_batches)
+                if ranges is not None:
+                    search.consider(pipeline_plan(search.spec, chain, ranges))
+
+
+def _search_hybrid(search: _Search) -> None:
+    """R replicas of an S-stage pipeline over the fastest R × S devices, dealt so replicas are alike."""
+    ordered = sorted(search.offers, key=lambda d: (search.speed[d.device_id], d.device_id))
+    for replicas in range(2, min(len(ordered) // 2, search.spec.micro_batches) + 1):
+        for stages in range(2, min(len(ordered) // replicas, search.description.num_blocks) + 1):
+            if search.spec.devices and replicas * stages != search.spec.devices:
+                continue
+            chosen = ordered[:replicas * stages]
+            chains = [chosen[r::replicas] for r in range(replicas)]
+            share = -(-search.spec.micro_batches // replicas)
+            workers: list[WorkerAssignment] = []
+            for r, chain in enumerate(chains):
+                ranges = _partition(search, chain, share)
+                if ranges is None:
+                    break
+                workers.extend(pipeline_plan(search.spec, chain, ranges, replica=r,
+                                             first_rank=len(workers) + 1).workers)
+            else:
+                search.consider(_plan("pipeline", workers, search.spec))
+
+
+def _describe_speed(search: _Search, device_id: str) -> str:
+    fastest = min(search.speed.values())
+    return f"it runs a block at {fastest / search.speed[device_id]:.0%} of the fastest device's speed"
+
+
+def _left_out(search: _Search, best: PlannedJob) -> dict[str, str]:
+    """Why each offered device that is not in ``best`` stays out."""
+    used = {w.device_id for w in best.plan.workers}
+    measure = "J/sample" if search.objective == "energy" else "step time"
+    reasons: dict[str, str] = {}
+    for offer in search.offers:
+        device_id = offer.device_id
+        if device_id in used:
+            continue
+        # Prefer the best plan that adds this device to the chosen ones; else any plan that uses it.
+        with_it = [c for c in search.found if used | {device_id} <= {w.device_id for w in c.plan.workers}]
+        with_it = with_it or [c for c in search.found if device_id in {w.device_id for w in c.plan.workers}]
+        if not with_it:
+            reasons[device_id] = (f"left out {device_id}: no plan that includes it fits in its "
+                                  f"{_gib(offer.memory_bytes)}" if not search.spec.devices else
+                                  f"left out {device_id}: the job asks for {search.spec.devices} device(s)")
+            continue
+        alternative = min(with_it, key=search.score)
+        worse = search.value(alternative) / search.value(best) - 1 if search.value(best) > 0 else 0.0
+        if search.objective == "throughput":
+            worse = alternative.prediction.step_seconds / best.prediction.step_seconds - 1
+        if worse < 0.005:
+            why = "it would not make the job faster or thriftier"
+        elif search.objective == "energy":
+            why = "its idle and busy power would cost more than its help saves"
+        elif alternative.prediction.bottleneck == device_id:
+            why = f"{_describe_speed(search, device_id)}, which would make its stage the bottleneck"
+        else:
+            why = "the communication it adds outweighs its compute"
+        reasons[device_id] = f"left out {device_id}: {why} (+{worse:.0%} {measure})"
+    return reasons
+
+
+def _reason(search: _Search, best: PlannedJob, left_out: Mapping[str, str]) -> str:
+    plan, p = best.plan, best.prediction
+    devices = [w.device_id for w in sorted(plan.workers, key=lambda w: (w.dp_index, w.stage, w.tp_index))]
+    replicas = len({w.dp_index for w in plan.workers})
+    kind = plan.parallelism if replicas == 1 or plan.parallelism != "pipeline" else f"pipeline × {replicas} replicas"
+    text = (f"{kind} over {len(devices)} device(s) ({', '.join(devices)}) for {search.objective}: predicted "
+            f"{p.step_seconds:.3g} s/step, {p.seconds_per_sample:.3g} s/sample, {p.joules_per_sample:.3g} J/sample "
+            f"(model); largest share {_gib(max(p.memory_bytes.values()))}")
+    if plan.parallelism == "pipeline":
+        text += "; blocks per stage " + "/".join(
+            str(w.end_block - w.start_block) for w in sorted(plan.workers, key=lambda w: (w.dp_index, w.stage)))
+    if left_out:
+        text += "; " + "; ".join(left_out[d] for d in sorted(left_out))
+    return text
+
+
+def _refusal(search: _Search, parallelisms: Sequence[Parallelism]) -> JobError:
+    spec, description = search.spec, search.description
+    whole = stage_memory(spec, search.costs, blocks=description.num_blocks, first=True, last=True, in_flight=1)
+    largest = max(o.memory_bytes for o in search.offers)
+    if parallelisms == ["single"]:
+        return JobError(f"the model needs {_gib(whole)} to train on one device but the largest device offers "
+                        f"{_gib(largest)}; train it with --parallelism pipeline or tensor over several devices")
+    count = spec.devices or len(search.offers)
+    limits = {"pipeline": (description.num_blocks, "blocks"), "tensor": (description.num_heads, "attention heads"),
+              "data": (spec.micro_batches, "micro-batches per step")}
+    if spec.devices and len(parallelisms) == 1 and parallelisms[0] in limits:
+        limit, what = limits[parallelisms[0]]
+        if spec.devices > limit:
+            return JobError(f"{parallelisms[0]} parallelism over {spec.devices} devices needs at least "
+                            f"{spec.devices} {what}; the job has {limit}")
+    roomiest = sorted(search.offers, key=lambda o: (-o.memory_bytes, o.device_id))[:min(count, description.num_blocks)]
+    plan = even_pipeline_plan(spec, description, roomiest)
+    prediction = predict(spec, description, plan, search.offers, costs=search.costs)
+    device = max(roomiest, key=lambda o: prediction.memory_bytes[o.device_id] / o.memory_bytes)
+    return JobError(
+        f"no {' or '.join(parallelisms)} plan fits in the devices' memory: even a pipeline over the "
+        f"{len(roomiest)} roomiest device(s) would need {_gib(prediction.memory_bytes[device.device_id])} on "
+        f"device {device.device_id}, which offers {_gib(device.memory_bytes)} (one device would need "
+        f"{_gib(whole)}); add devices or memory"
+    )
+
+
+def plan_with_prediction(spec: JobSpec, description: ModelDescription, offers: Sequence[DeviceOffer], *,
+                         objective: Objective = "throughput", profiles: Mapping[str, PowerProfile] | None = None,
+                         links: LinkMap | None = None, allow_hybrid: bool = False) -> PlannedJob:
+    """`plan_job`'s search, returning the chosen plan with its forecast and the reasons for left-out devices."""
+    if not offers:
         raise JobError("no device is available to train on")
+    if objective not in ("throughput", "energy"):
+        raise JobError(f"unknown objective {objective!r}; use throughput or energy")
     if spec.seq_len > description.max_seq_len:
         raise JobError(f"--seq-len {spec.seq_len} is above the model's maximum of {description.max_seq_len}")
-    whole = training_memory(spec, description, parameters=description.parameter_count,
-                            blocks=description.num_blocks)
-    largest = max(d.memory_bytes for d in devices)
-    parallelism: Parallelism
+    if spec.devices > len(offers):
+        raise JobError(f"the job asks for {spec.devices} devices but only {len(offers)} are alive")
+    search = _Search(spec=spec, description=description, offers=sorted(offers, key=lambda o: o.device_id),
+                     objective=objective, profiles=profiles, links=links, costs=model_costs(spec, description),
+                     speed={o.device_id: block_seconds_per_sample(spec, description, o) for o in offers})
+    parallelisms: list[Parallelism]
     if spec.parallelism == "auto":
-        parallelism = "single" if spec.devices in (0, 1) and whole <= largest else "pipeline"
+        parallelisms = ["single"] if spec.devices == 1 else ["single", "data", "tensor", "pipeline"]
     else:
-        parallelism = spec.parallelism
-    if parallelism == "single":
-        if whole > largest:
-            raise JobError(
-                f"the model needs {_gib(whole)} to train on one device but the largest device offers "
-                f"{_gib(largest)}; train it with --parallelism pipeline or tensor over several devices"
-            )
-        count = 1
-    elif spec.devices:
-        count = spec.devices
-    else:
-        count = _devices_needed(spec, description, devices, parallelism)
-    if count > len(devices):
-        raise JobError(f"the job asks for {count} devices but only {len(devices)} are alive")
-    chosen = _choose_devices(devices, count)
-    workers, memory = _assign(spec, description, parallelism, chosen)
-    for device in chosen:
-        need = memory[device.device_id]
-        if need > device.memory_bytes:
-            raise JobError(
-                f"device {device.device_id} would need {_gib(need)} for its share under {parallelism} "
-                f"parallelism over {count} devices but offers {_gib(device.memory_bytes)}; use more devices"
-            )
-    reason = (
-        f"{parallelism} over {count} device(s); largest share {_gib(max(memory.values()))}, "
-        f"whole model would need {_gib(whole)}"
-    )
-    return JobPlan(parallelism=parallelism, workers=tuple(workers), schedule=spec.schedule,
-                   micro_batches=spec.micro_batches, reason=reason, estimated_memory_bytes=memory)
+        parallelisms = [spec.parallelism]
+    steps = {"single": _search_single, "data": _search_data, "tensor": _search_tensor, "pipeline": _search_pipeline}
+    for parallelism in parallelisms:
+        steps[parallelism](search)
+    if allow_hybrid and "pipeline" in parallelisms:
+        _search_hybrid(search)
+    if not search.found:
+        raise _refusal(search, parallelisms)
+    best = min(search.found, key=search.score)
+    left_out = _left_out(search, best)
+    p = best.prediction
+    plan = replace(best.plan, reason=_reason(search, best, left_out), estimated_memory_bytes=dict(p.memory_bytes),
+                   objective=objective, predicted_step_seconds=p.step_seconds,
+                   predicted_seconds_per_sample=p.seconds_per_sample,
+                   predicted_joules_per_sample=p.joules_per_sample)
+    return PlannedJob(plan=plan, prediction=p, left_out=left_out)
 
 
-def _devices_needed(spec: JobSpec, description: ModelDescription, devices: Sequence[DeviceOffer],
-                    parallelism: Parallelism) -> int:
-    """The fewest devices whose shares all fit (pipeline, tensor); data parallel uses every device."""
-    limit = len(devices) if parallelism != "pipeline" else min(len(devices), description.num_blocks)
-    if parallelism == "tensor":
-        limit = min(limit, description.num_heads)
-    if parallelism == "data":
-        return limit
-    for count in range(2, limit + 1):
-        chosen = _choose_devices(devices, count)
-        _, memory = _assign(spec, description, parallelism, chosen)
-        if all(memory[d.device_id] <= d.memory_bytes for d in chosen):
-            return count
-    return limit
+def plan_job(spec: JobSpec, description: ModelDescription, devices: Sequence[DeviceOffer], *,
+             objective: Objective = "throughput", profiles: Mapping[str, PowerProfile] | None = None,
+             links: LinkMap | None = None, allow_hybrid: bool = False) -> JobPlan:
+    """Plan ``spec`` on ``devices`` for ``objective``.
+
+    ``spec.parallelism == "auto"`` chooses among one device, data, tensor and pipeline parallelism (and,
+    with ``allow_hybrid``, pipeline × data, which the runtime does not run yet); a fixed parallelism still
+    chooses the devices (``spec.devices`` of them when set) and the stage boundaries. ``spec.micro_batches``
+    is taken as given.
+
+    Args:
+        profiles: device ID → power profile (else each offer's named profile, else the default).
+        links: (device ID, device ID) → link (either order), else the 1000 Mbps Wi-Fi default.
+
+    Raises:
+        JobError: no devices or too few, a sequence too long for the model, or no plan within every
+            device's memory (the message says how much is needed and available).
+    """
+    return plan_with_prediction(spec, description, devices, objective=objective, profiles=profiles, links=links,
+                                allow_hybrid=allow_hybrid).plan
 
 
-def _assign(spec: JobSpec, description: ModelDescription, parallelism: Parallelism,
-            chosen: Sequence[DeviceOffer]) -> tuple[list[WorkerAssignment], dict[str, int]]:
-    n = len(chosen)
-    ends = embedding_and_head_parameters(description)
-    workers: list[WorkerAssignment] = []
-    memory: dict[str, int] = {}
-    if parallelism == "pipeline":
-        for stage, ((start, end), device) in enumerate(zip(split_blocks(description.num_blocks, n), chosen,
-                                                         strict=True)):
-            params = (end - start) * description.block_parameter_count
-            if stage == 0 or stage == n - 1:
-                params += ends // 2 if n > 1 else ends
-            workers.append(WorkerAssignment(rank=stage + 1, device_id=device.device_id, stage=stage,
-                                            start_block=start, end_block=end))
-            memory[device.device_id] = training_memory(spec, description, parameters=params, blocks=end - start)
-    elif parallelism == "tensor":
-        if n > description.num_heads:
-            raise JobError(f"tensor parallelism over {n} devices needs at least {n} attention heads; "
-                           f"the model has {description.num_heads}")
-        for index, device in enumerate(chosen):
-            params = ends + description.num_blocks * description.block_parameter_count // n
-            workers.append(WorkerAssignment(rank=index + 1, device_id=device.device_id, tp_index=index,
-                                            end_block=description.num_blocks))
-            memory[device.device_id] = training_memory(spec, description, parameters=params,
-                                                       blocks=description.num_blocks) // 1
-    else:  # data, single: full replicas
-        for index, device in enumerate(chosen):
-            workers.append(WorkerAssignment(rank=index + 1, device_id=device.device_id, dp_index=index,
-                                            end_block=description.num_blocks))
-            memory[device.device_id] = training_memory(spec, description, parameters=description.parameter_count,
-                                                       blocks=description.num_blocks)
-    return workers, memory
+def what_if(spec: JobSpec, description: ModelDescription, offers: Sequence[DeviceOffer], *,
+            remove: Iterable[str] = (), add: Iterable[DeviceOffer] = (), objective: Objective = "throughput",
+            profiles: Mapping[str, PowerProfile] | None = None, links: LinkMap | None = None) -> PlannedJob:
+    """The plan and forecast if devices ``remove`` left and ``add`` joined (`cetctl plan --what-if`).
+
+    Raises:
+        JobError: as `plan_job`, or when ``remove`` names a device that is not offered.
+    """
+    removed = set(remove)
+    unknown = sorted(removed - {o.device_id for o in offers})
+    if unknown:
+        raise JobError(f"cannot remove {', '.join(unknown)}: not among the available devices")
+    remaining = [o for o in offers if o.device_id not in removed]
+    added = list(add)
+    clash = sorted({o.device_id for o in added} & {o.device_id for o in remaining})
+    if clash:
+        raise JobError(f"cannot add {', '.join(clash)}: already available")
+    return plan_with_prediction(spec, description, [*remaining, *added], objective=objective, profiles=profiles,
+                                links=links)

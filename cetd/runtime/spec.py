@@ -17,6 +17,8 @@ from cetd.errors import JobError
 Parallelism = Literal["single", "pipeline", "tensor", "data"]
 Schedule = Literal["gpipe", "1f1b"]
 Precision = Literal["float32", "float64"]
+Objective = Literal["throughput", "energy"]
+"""What the planner optimises: seconds per sample, or joules per sample."""
 
 DRIVER_RANK = 0
 """Rank of the driver in a job's channel world: the process on the submitting device that owns the
@@ -51,6 +53,13 @@ class JobSpec:
     sync_every: int = 1
     """Data parallel: average every k steps (k=1: gradients every step, identical to one device)."""
     precision: Precision = "float32"
+    checkpoint_every: int = 5
+    """Write a checkpoint after every k-th optimizer step; 0 = only by time (``checkpoint_seconds``)."""
+    checkpoint_seconds: float = 0.0
+    """Also write one after each step that starts this many seconds or more after the last checkpoint
+    (or the start of the run); 0 = off."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept per job (the newest); older ones are deleted."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -66,6 +75,9 @@ class JobSpec:
             (self.parallelism in (*get_args(Parallelism), "auto"), f"unknown parallelism {self.parallelism!r}"),
             (self.schedule in get_args(Schedule), f"unknown schedule {self.schedule!r}"),
             (self.precision in get_args(Precision), f"unknown precision {self.precision!r}"),
+            (self.checkpoint_every >= 0, f"--checkpoint-every must not be negative, not {self.checkpoint_every}"),
+            (self.checkpoint_seconds >= 0, f"--checkpoint-seconds must not be negative, not {self.checkpoint_seconds}"),
+            (self.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, not {self.keep_checkpoints}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -121,6 +133,14 @@ class JobPlan:
     """One sentence on why this plan (shown by `cetctl status`)."""
     estimated_memory_bytes: dict[str, int] = field(default_factory=dict)
     """Predicted peak training memory per device ID."""
+    objective: Objective = "throughput"
+    """What the planner optimised when it chose this plan."""
+    predicted_step_seconds: float = 0.0
+    """The cost model's wall time of one optimizer step (0 = not predicted)."""
+    predicted_seconds_per_sample: float = 0.0
+    """``predicted_step_seconds`` over the global batch."""
+    predicted_joules_per_sample: float = 0.0
+    """The energy model's joules per training sample over all taking part (0 = not predicted)."""
 
     @property
     def world_size(self) -> int:

@@ -1,0 +1,471 @@
+"""Predicted step time, memory and energy of a plan: what the planner compares candidate plans by.
+
+Inputs per device: seconds per transformer block forward+backward per sample (measured by the daemon's
+profiler, else estimated from its cores), memory, power profile; per device pair: bandwidth and latency.
+The model, per parallelism (b samples per micro-batch, M micro-batches, S stages, L blocks):
+
+- pipeline: stages and the links between them are a chain of resources each micro-batch passes; with
+  per-micro-batch times r_i the step takes Σ r_i + (M − 1) × max r_i (the bubble: (M + S − 1) × max for
+  balanced stages). A stage's time is b × its device's block seconds × (its blocks, plus the
+  embedding's and head's extra load on the first and last stage); a link's is one activation forward and
+  one gradient back (Wi-Fi is half duplex). Memory: GPipe keeps all M micro-batches' activations,
+  1F1B at most S − s on stage s.
+- tensor: every block of every micro-batch waits for 4 ring all-reduces of the activation
+  (2(k−1)/k × bytes / bandwidth + 2(k−1) × latency each): communication-bound on home networks.
+- data: each replica trains its share of the micro-batches (split evenly, so the slowest sets the
+  pace), then a ring all-reduce of the gradients (2(N−1)/N × parameter bytes / bandwidth) every
+  ``sync_every`` steps.
+- pipeline × data: replicas of a pipeline (workers with the same stage and different ``dp_index``),
+  each on its share of the micro-batches, then each stage's gradients all-reduced across replicas.
+
+Energy uses `cetd.cluster.power`'s stated model: each taking-part device is on for the whole step
+(idle watts), busy for its compute time (watts per core × cores, or its accelerator's watts), and pays
+per byte it sends and receives. Predictions are labelled as such; measurements replace them in reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from cetd.cluster.power import BUILTIN_PROFILES, PowerProfile
+from cetd.errors import JobError
+from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, WorkerAssignment
+
+__all__ = [
+    "DEFAULT_LINK",
+    "DEFAULT_PROFILE",
+    "DeviceOffer",
+    "Link",
+    "ModelCosts",
+    "Prediction",
+    "block_seconds_per_sample",
+    "estimated_block_seconds",
+    "link_between",
+    "model_costs",
+    "power_profile",
+    "predict",
+    "stage_memory",
+    "training_memory",
+]
+
+RUNTIME_OVERHEAD_BYTES = 400 * 1024**2
+"""Resident memory of a worker before any model: Python, torch, grpc (measured: ~350 MB here)."""
+
+OPTIMIZER_COPIES = 4
+"""Weights, gradients and AdamW's two moments: four numbers per parameter."""
+
+CORE_FLOPS = 40e9
+"""Effective float32 FLOP/s of one CPU core in torch's training kernels. Calibrated on the DESIGN anchor:
+a GPT-2 small block, micro-batch 8 × 32 tokens (≈ 11 GFLOP forward+backward), takes ≈ 80–150 ms on
+2 cores here."""
+
+ACCELERATOR_FLOPS = 200e9
+"""Effective float32 FLOP/s of an edge GPU (a Jetson Nano's is ≈ 236 GFLOP/s peak)."""
+
+HEAD_EFFICIENCY = 0.15
+"""A head's matrix product costs this fraction of a block per equal parameter count: the measured anchor
+(GPT-2 8 × 384, the LM head makes its stage ≈ 1.4× heavier than 4 blocks) says ≈ 1.6 blocks where the
+parameter ratio says ≈ 11 — one large matrix product runs far closer to peak than a block's small ones."""
+
+EMBEDDING_BLOCKS = 0.05
+"""An embedding lookup and its scattered gradient, in blocks."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceOffer:
+    """A live member as the planner sees it."""
+
+    device_id: str
+    memory_bytes: int
+    cores: int
+    rank: float = 0.0
+    block_seconds: float | None = None
+    """Seconds one block of the job's model takes forward+backward per sample (the profiler's time for a
+    micro-batch divided by its samples); None: estimated from ``cores``."""
+    power_profile: str = ""
+    """Name of its power profile (`cetd.cluster.power.BUILTIN_PROFILES`); "" = `DEFAULT_PROFILE`."""
+    accelerator: bool = False
+    """It trains on an accelerator (GPU) rather than its CPU cores."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Link:
+    """A network path between two devices."""
+
+    bandwidth_bytes_per_second: float
+    latency_seconds: float = 0.0
+    half_duplex: bool = True
+    """Wi-Fi: sending and receiving share the air, so a link carries one direction at a time."""
+
+
+DEFAULT_LINK = Link(bandwidth_bytes_per_second=0.12e9, latency_seconds=0.002)
+"""1000 Mbps Wi-Fi (≈ 0.12 GB/s, the paper's testbed), a couple of milliseconds per message."""
+
+DEFAULT_PROFILE = "laptop"
+
+LinkMap = Mapping[tuple[str, str], Link]
+
+
+def link_between(links: LinkMap | None, a: str, b: str) -> Link:
+    """The link from ``a`` to ``b`` (either order in ``links``), else `DEFAULT_LINK`."""
+    if links:
+        found = links.get((a, b)) or links.get((b, a))
+        if found is not None:
+            return found
+    return DEFAULT_LINK
+
+
+def power_profile(offer: DeviceOffer, profiles: Mapping[str, PowerProfile] | None) -> PowerProfile:
+    """The device's profile: ``profiles[device_id]``, else its named built-in, else `DEFAULT_PROFILE`'s."""
+    if profiles and offer.device_id in profiles:
+        return profiles[offer.device_id]
+    return BUILTIN_PROFILES.get(offer.power_profile or DEFAULT_PROFILE, BUILTIN_PROFILES[DEFAULT_PROFILE])
+
+
+def bytes_per_number(spec: JobSpec) -> int:
+    return 8 if spec.precision == "float64" else 4
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelCosts:
+    """What the cost model needs of a model at the job's shape."""
+
+    number_bytes: int
+    block_parameters: int
+    first_parameters: int
+    """Embedding parameters (on the first stage)."""
+    last_parameters: int
+    """Head parameters (on the last stage; a tied embedding counts again there, as it is held twice)."""
+    ends_parameters: int
+    """Everything outside the blocks, each tensor once."""
+    embedding_blocks: float
+    """Extra load of the embedding, in blocks."""
+    head_blocks: float
+    """Extra load of the head and loss, in blocks."""
+    boundary_bytes_per_sample: int
+    """One activation between blocks (and its gradient) per sample: seq × hidden numbers."""
+    block_activation_bytes_per_sample: int
+    """What one block keeps for backward per sample."""
+    head_activation_bytes_per_sample: int
+    """What the head keeps per sample (logits in float32 with their gradients, for a language model)."""
+
+
+def model_costs(spec: JobSpec, description: ModelDescription, *, embedding_blocks: float | None = None,
+                head_blocks: float | None = None) -> ModelCosts:
+    """`ModelCosts` of ``description`` at ``spec``'s shape; the two extra loads may be given (measured)."""
+    number = bytes_per_number(spec)
+    hidden, seq = description.hidden_size, spec.seq_len
+    ends = max(0, description.parameter_count - description.num_blocks * description.block_parameter_count)
+    config = description.config
+    if description.task == "causal_lm":
+        vocab = int(config.get("vocab_size", 0) or 0)
+        head = min(vocab * hidden, ends) if vocab else ends // 2
+        tied = bool(config.get("tie_word_embeddings", True))
+        first = ends if tied else ends - head
+        logits = seq * vocab * 4 * 3  # float32 logits, their softmax and their gradient
+    else:
+        labels = int(config.get("num_labels", 2) or 2)
+        head = min(hidden * hidden + hidden + hidden * labels + labels, ends)
+        first = ends - head
+        logits = 0
+    block = max(description.block_parameter_count, 1)
+    if head_blocks is None:
+        head_blocks = max(EMBEDDING_BLOCKS, HEAD_EFFICIENCY * head / block)
+    per_block = seq * (16 * hidden + 2 * description.num_heads * seq) * number
+    return ModelCosts(
+        number_bytes=number, block_parameters=description.block_parameter_count, first_parameters=first,
+        last_parameters=head, ends_parameters=ends,
+        embedding_blocks=EMBEDDING_BLOCKS if embedding_blocks is None else embedding_blocks,
+        head_blocks=head_blocks, boundary_bytes_per_sample=seq * hidden * number,
+        block_activation_bytes_per_sample=per_block, head_activation_bytes_per_sample=logits,
+    )
+
+
+def estimated_block_seconds(spec: JobSpec, description: ModelDescription, offer: DeviceOffer) -> float:
+    """Seconds per block forward+backward per sample, from FLOPs and the device's cores (no measurement)."""
+    seq, hidden = spec.seq_len, description.hidden_size
+    forward_per_token = 2 * description.block_parameter_count + 4 * seq * hidden
+    flops = 3 * seq * forward_per_token
+    rate = ACCELERATOR_FLOPS if offer.accelerator else max(offer.cores, 1) * CORE_FLOPS
+    if spec.precision == "float64":
+        rate /= 2
+    return flops / rate
+
+
+def block_seconds_per_sample(spec: JobSpec, description: ModelDescription, offer: DeviceOffer) -> float:
+    """The measured block seconds when the offer carries them, else the estimate."""
+    if offer.block_seconds is not None and offer.block_seconds > 0:
+        return offer.block_seconds
+    return estimated_block_seconds(spec, description, offer)
+
+
+def activation_bytes(spec: JobSpec, description: ModelDescription, blocks: int) -> int:
+    """Activations of ``blocks`` blocks for all of a step's micro-batches (the conservative bound)."""
+    costs = model_costs(spec, description)
+    micro = max(1, spec.global_batch // spec.micro_batches)
+    return costs.block_activation_bytes_per_sample * micro * max(blocks, 1) * spec.micro_batches
+
+
+def training_memory(spec: JobSpec, description: ModelDescription, *, parameters: int, blocks: int,
+                    in_flight: int | None = None) -> int:
+    """Predicted peak memory of a worker holding ``parameters`` parameters and ``blocks`` blocks.
+
+    ``in_flight``: micro-batches whose activations it keeps at once (None: all of the step's, the bound).
+    """
+    micro = max(1, spec.global_batch // spec.micro_batches)
+    kept = spec.micro_batches if in_flight is None else max(1, in_flight)
+    costs = model_costs(spec, description)
+    state = parameters * costs.number_bytes * OPTIMIZER_COPIES
+    return RUNTIME_OVERHEAD_BYTES + state + costs.block_activation_bytes_per_sample * micro * max(blocks, 1) * kept
+
+
+def stage_memory(spec: JobSpec, costs: ModelCosts, *, blocks: int, first: bool, last: bool, in_flight: int,
+                 tensor_ways: int = 1) -> int:
+    """Peak memory of one worker: runtime, 4 copies of its parameters, the activations it keeps."""
+    micro = max(1, spec.global_batch // spec.micro_batches)
+    parameters = blocks * costs.block_parameters // tensor_ways
+    if first and last:
+        parameters += costs.ends_parameters
+    elif first:
+        parameters += costs.first_parameters
+    elif last:
+        parameters += costs.last_parameters
+    activations = costs.block_activation_bytes_per_sample * max(blocks, 1)
+    if last:
+        activations += costs.head_activation_bytes_per_sample
+    state = parameters * costs.number_bytes * OPTIMIZER_COPIES
+    return RUNTIME_OVERHEAD_BYTES + state + activations * micro * max(1, in_flight)
+
+
+def in_flight(spec: JobSpec, stage: int, stages: int) -> int:
+    """Micro-batches whose activations stage ``stage`` keeps: GPipe all M, 1F1B at most S − s."""
+    if spec.schedule == "gpipe":
+        return spec.micro_batches
+    return min(spec.micro_batches, stages - stage)
+
+
+def ring_all_reduce_seconds(size: float, members: int, link: Link) -> float:
+    """A ring all-reduce of ``size`` bytes: 2(n−1)/n × size over the slowest link, 2(n−1) messages."""
+    if members <= 1:
+        return 0.0
+    return 2 * (members - 1) / members * size / link.bandwidth_bytes_per_second + 2 * (members - 1) * link.latency_seconds
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prediction:
+    """The cost model's forecast for one plan. Everything here is predicted, not measured."""
+
+    step_seconds: float
+    seconds_per_sample: float
+    joules_per_sample: float
+    memory_bytes: dict[str, int]
+    """Peak training memory per device ID."""
+    busy_seconds: dict[str, float]
+    """Compute time per step per device ID."""
+    joules: dict[str, float] = field(default_factory=dict)
+    """Joules per step per device ID (source: the power model)."""
+    bytes_sent: dict[str, int] = field(default_factory=dict)
+    """Bytes each device sends per step."""
+    bottleneck: str = ""
+    """The device (or ``link A-B``) that sets the pace."""
+    notes: tuple[str, ...] = ()
+    source: str = "model"
+
+    def fits(self, offers: Mapping[str, DeviceOffer]) -> bool:
+        """Every device's predicted memory within what it offers."""
+        return all(need <= offers[d].memory_bytes for d, need in self.memory_bytes.items())
+
+
+def predict(spec: JobSpec, description: ModelDescription, plan: JobPlan, offers: Sequence[DeviceOffer], *,
+            links: LinkMap | None = None, profiles: Mapping[str, PowerProfile] | None = None,
+            costs: ModelCosts | None = None) -> Prediction:
+    """Forecast ``plan``'s step time, memory and energy on ``offers``.
+
+    Raises:
+        JobError: the plan names a device that is not offered.
+    """
+    by_id = {o.device_id: o for o in offers}
+    missing = sorted({w.device_id for w in plan.workers} - set(by_id))
+    if missing:
+        raise JobError(f"the plan names device(s) {', '.join(missing)} that are not available")
+    costs = costs or model_costs(spec, description)
+    speed = {d: block_seconds_per_sample(spec, description, o) for d, o in by_id.items()}
+    timing: _Timing
+    if plan.parallelism == "tensor":
+        timing = _tensor(spec, description, costs, plan.workers, speed, links)
+    elif plan.parallelism == "data" or plan.parallelism == "single":
+        timing = _data(spec, description, costs, plan.workers, speed, links)
+    else:
+        timing = _pipelines(spec, description, costs, plan.workers, speed, links)
+    joules: dict[str, float] = {}
+    for device_id in timing.memory:
+        offer, profile = by_id[device_id], power_profile(by_id[device_id], profiles)
+        busy_watts = profile.accelerator_watts if offer.accelerator else profile.watts_per_core * offer.cores
+        joules[device_id] = (profile.idle_watts * timing.step + busy_watts * timing.busy[device_id]
+                             + timing.sent[device_id] * profile.joules_per_byte_sent
+                             + timing.received[device_id] * profile.joules_per_byte_received)
+    samples = spec.global_batch
+    return Prediction(
+        step_seconds=timing.step, seconds_per_sample=timing.step / samples,
+        joules_per_sample=sum(joules.values()) / samples, memory_bytes=timing.memory, busy_seconds=timing.busy,
+        joules=joules, bytes_sent={d: round(b) for d, b in timing.sent.items()}, bottleneck=timing.bottleneck,
+        notes=tuple(timing.notes),
+    )
+
+
+@dataclass(slots=True)
+class _Timing:
+    step: float = 0.0
+    bottleneck: str = ""
+    memory: dict[str, int] = field(default_factory=dict)
+    busy: dict[str, float] = field(default_factory=dict)
+    sent: dict[str, float] = field(default_factory=dict)
+    received: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, device_id: str, *, memory: int, busy: float, sent: float, received: float) -> None:
+        self.memory[device_id] = memory
+        self.busy[device_id] = busy
+        self.sent[device_id] = sent
+        self.received[device_id] = received
+
+
+def _micro(spec: JobSpec) -> int:
+    return max(1, spec.global_batch // spec.micro_batches)
+
+
+def _split(count: int, parts: int) -> list[int]:
+    base, extra = divmod(count, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def _gradient_sync(spec: JobSpec, parameters: int, number_bytes: int, members: Sequence[str],
+                   links: LinkMap | None) -> tuple[float, float]:
+    """Seconds per step (amortised over ``sync_every``) and bytes each member sends per step."""
+    if len(members) <= 1:
+        return 0.0, 0.0
+    slowest = min((link_between(links, a, b) for a in members for b in members if a < b),
+                  key=lambda link: link.bandwidth_bytes_per_second)
+    size = parameters * number_bytes
+    seconds = ring_all_reduce_seconds(size, len(members), slowest) / spec.sync_every
+    return seconds, 2 * (len(members) - 1) / len(members) * size / spec.sync_every
+
+
+def _data(spec: JobSpec, description: ModelDescription, costs: ModelCosts, workers: Sequence[WorkerAssignment],
+          speed: Mapping[str, float], links: LinkMap | None) -> _Timing:
+    timing = _Timing()
+    ordered = sorted(workers, key=lambda w: w.dp_index)
+    shares = _split(spec.micro_batches, len(ordered))
+    per_sample = description.num_blocks + costs.embedding_blocks + costs.head_blocks
+    members = [w.device_id for w in ordered]
+    sync, sent = _gradient_sync(spec, description.parameter_count, costs.number_bytes, members, links)
+    memory = stage_memory(spec, costs, blocks=description.num_blocks, first=True, last=True, in_flight=1)
+    slowest = 0.0
+    for worker, share in zip(ordered, shares, strict=True):
+        busy = share * _micro(spec) * per_sample * speed[worker.device_id]
+        timing.add(worker.device_id, memory=memory, busy=busy, sent=sent, received=sent)
+        if busy >= slowest:
+            slowest, timing.bottleneck = busy, worker.device_id
+    timing.step = slowest + sync
+    if len(ordered) > 1:
+        timing.notes.append(f"gradient all-reduce {sync:.3f} s per step (every {spec.sync_every} step(s))")
+    return timing
+
+
+def _tensor(spec: JobSpec, description: ModelDescription, costs: ModelCosts, workers: Sequence[WorkerAssignment],
+            speed: Mapping[str, float], links: LinkMap | None) -> _Timing:
+    timing = _Timing()
+    ordered = sorted(workers, key=lambda w: w.tp_index)
+    ways = len(ordered)
+    heads = _split(description.num_heads, ways)
+    micro = _micro(spec)
+    members = [w.device_id for w in ordered]
+    slowest_link = min((link_between(links, a, b) for a in members for b in members if a < b),
+                       key=lambda link: link.bandwidth_bytes_per_second, default=DEFAULT_LINK)
+    size = costs.boundary_bytes_per_sample * micro
+    reduce = ring_all_reduce_seconds(size, ways, slowest_link)
+    block = max(micro * speed[w.device_id] * h / description.num_heads for w, h in zip(ordered, heads, strict=True))
+    ends = max(micro * speed[w.device_id] * (costs.embedding_blocks + costs.head_blocks) for w in ordered)
+    per_micro = description.num_blocks * (block + 4 * reduce) + ends
+    timing.step = spec.micro_batches * per_micro
+    sent = 4 * description.num_blocks * spec.micro_batches * 2 * (ways - 1) / ways * size if ways > 1 else 0.0
+    for worker, share in zip(ordered, heads, strict=True):
+        busy = spec.micro_batches * micro * speed[worker.device_id] * (
+            description.num_blocks * share / description.num_heads + costs.embedding_blocks + costs.head_blocks)
+        memory = stage_memory(spec, costs, blocks=description.num_blocks, first=True, last=True, in_flight=1,
+                              tensor_ways=ways)
+        timing.add(worker.device_id, memory=memory, busy=busy, sent=sent, received=sent)
+    comm = spec.micro_batches * description.num_blocks * 4 * reduce
+    timing.bottleneck = "network" if comm > timing.step / 2 else max(timing.busy, key=lambda d: timing.busy[d])
+    timing.notes.append(f"{4 * description.num_blocks * spec.micro_batches} all-reduces take {comm:.3f} s "
+                        f"of the {timing.step:.3f} s step")
+    return timing
+
+
+def pipeline_seconds(stage_times: Sequence[float], link_times: Sequence[float], micro_batches: int) -> float:
+    """Σ r_i + (M − 1) × max r_i over the chain of stages and links (the bubble-aware makespan)."""
+    resources = [*stage_times, *link_times]
+    return sum(resources) + (micro_batches - 1) * max(resources)
+
+
+def boundary_seconds(costs: ModelCosts, micro: int, link: Link) -> float:
+    """One micro-batch's activation forward and gradient back over ``link``."""
+    one_way = costs.boundary_bytes_per_sample * micro / link.bandwidth_bytes_per_second + link.latency_seconds
+    return 2 * one_way if link.half_duplex else one_way
+
+
+def _pipelines(spec: JobSpec, description: ModelDescription, costs: ModelCosts,
+               workers: Sequence[WorkerAssignment], speed: Mapping[str, float], links: LinkMap | None) -> _Timing:
+    timing = _Timing()
+    replicas: dict[int, list[WorkerAssignment]] = {}
+    for worker in workers:
+        replicas.setdefault(worker.dp_index, []).append(worker)
+    shares = _split(spec.micro_batches, len(replicas))
+    micro = _micro(spec)
+    slowest = 0.0
+    for (_, chain), share in zip(sorted(replicas.items()), shares, strict=True):
+        chain.sort(key=lambda w: w.stage)
+        stages = len(chain)
+        stage_times, link_times = [], []
+        boundary = costs.boundary_bytes_per_sample * micro * share
+        for position, worker in enumerate(chain):
+            first, last = position == 0, position == stages - 1
+            load = (worker.end_block - worker.start_block + (costs.embedding_blocks if first else 0.0)
+                    + (costs.head_blocks if last else 0.0))
+            stage_times.append(micro * speed[worker.device_id] * load)
+            if not last:
+                link_times.append(boundary_seconds(costs, micro, link_between(links, worker.device_id,
+                                                                              chain[position + 1].device_id)))
+            sent = boundary * ((not last) + (not first))
+            memory = stage_memory(spec, costs, blocks=worker.end_block - worker.start_block, first=first, last=last,
+                                  in_flight=in_flight(spec, position, stages) if share else 0)
+            timing.add(worker.device_id, memory=memory, busy=share * stage_times[-1], sent=sent, received=sent)
+        seconds = pipeline_seconds(stage_times, link_times, share) if share else 0.0
+        if seconds >= slowest:
+            slowest = seconds
+            worst = max(range(len(stage_times) + len(link_times)), key=lambda i: [*stage_times, *link_times][i])
+            timing.bottleneck = (chain[worst].device_id if worst < stages else
+                                 f"link {chain[worst - stages].device_id}-{chain[worst - stages + 1].device_id}")
+    sync = 0.0
+    if len(replicas) > 1:
+        for stage in range(max(len(c) for c in replicas.values())):
+            group = [w for c in replicas.values() for w in c if w.stage == stage]
+            params = _stage_parameters(costs, group[0], stage, len(replicas[group[0].dp_index]))
+            seconds, volume = _gradient_sync(spec, params, costs.number_bytes, [w.device_id for w in group], links)
+            sync = max(sync, seconds)
+            for worker in group:
+                timing.sent[worker.device_id] += volume
+                timing.received[worker.device_id] += volume
+        timing.notes.append(f"{len(replicas)} pipeline replicas; gradient all-reduce {sync:.3f} s per step")
+    timing.step = slowest + sync
+    return timing
+
+
+def _stage_parameters(costs: ModelCosts, worker: WorkerAssignment, stage: int, stages: int) -> int:
+    parameters = (worker.end_block - worker.start_block) * costs.block_parameters
+    if stage == 0:
+        parameters += costs.first_parameters if stages > 1 else costs.ends_parameters
+    if stage == stages - 1 and stages > 1:
+        parameters += costs.last_parameters
+    return parameters

@@ -1,0 +1,158 @@
+"""The cost model's numbers: bubble-aware pipeline time, per-schedule memory, all-reduce costs, energy."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from cetd.cluster.cost_model import (
+    RUNTIME_OVERHEAD_BYTES,
+    DeviceOffer,
+    Link,
+    estimated_block_seconds,
+    model_costs,
+    predict,
+    training_memory,
+)
+from cetd.cluster.planner import pipeline_plan
+from cetd.cluster.power import BUILTIN_PROFILES
+from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, WorkerAssignment
+
+GIB = 1024**3
+GPT2_SMALL = ModelDescription(family="gpt2", task="causal_lm", num_blocks=12, hidden_size=768, num_heads=12,
+                              max_seq_len=1024, parameter_count=124_439_808, block_parameter_count=7_087_872,
+                              config={"vocab_size": 50257})
+SPEC = JobSpec(model="gpt2-small", data="d.jsonl", global_batch=32, micro_batches=8, seq_len=32)
+FAST = Link(bandwidth_bytes_per_second=1e18, latency_seconds=0.0, half_duplex=False)
+
+
+def _offers(*block_seconds: float, memory: int = 16 * GIB) -> list[DeviceOffer]:
+    return [DeviceOffer(device_id=f"D{i + 1}", memory_bytes=memory, cores=1, block_seconds=s)
+            for i, s in enumerate(block_seconds)]
+
+
+def _fast_links(offers: list[DeviceOffer]) -> dict[tuple[str, str], Link]:
+    return {(a.device_id, b.device_id): FAST for a in offers for b in offers if a.device_id < b.device_id}
+
+
+@pytest.mark.timeout(10)
+def test_balanced_pipeline_takes_m_plus_s_minus_one_stage_times() -> None:
+    # Zero-cost embedding and head, 3 stages of 4 blocks at 10 ms per block per sample, 4 samples per micro-batch.
+    costs = replace(model_costs(SPEC, GPT2_SMALL), embedding_blocks=0.0, head_blocks=0.0)
+    offers = _offers(0.01, 0.01, 0.01)
+    plan = pipeline_plan(SPEC, offers, [(0, 4), (4, 8), (8, 12)])
+    prediction = predict(SPEC, GPT2_SMALL, plan, offers, links=_fast_links(offers), costs=costs)
+    stage = 4 * 0.01 * 4
+    assert prediction.step_seconds == pytest.approx((8 + 3 - 1) * stage)
+    assert prediction.seconds_per_sample == pytest.approx(prediction.step_seconds / 32)
+    assert prediction.busy_seconds == pytest.approx({"D1": 8 * stage, "D2": 8 * stage, "D3": 8 * stage})
+
+
+@pytest.mark.timeout(10)
+def test_pipeline_links_are_stages_of_their_own() -> None:
+    costs = replace(model_costs(SPEC, GPT2_SMALL), embedding_blocks=0.0, head_blocks=0.0)
+    offers = _offers(0.01, 0.01)
+    wifi = Link(bandwidth_bytes_per_second=0.12e9, latency_seconds=0.002)
+    plan = pipeline_plan(SPEC, offers, [(0, 6), (6, 12)])
+    prediction = predict(SPEC, GPT2_SMALL, plan, offers, links={("D2", "D1"): wifi}, costs=costs)
+    activation = 4 * 32 * 768 * 4  # micro-batch × seq × hidden × float32 = 393 KB
+    link = 2 * (activation / 0.12e9 + 0.002)  # forward and back over half-duplex Wi-Fi
+    stage = 4 * 0.01 * 6
+    assert prediction.step_seconds == pytest.approx(2 * stage + link + 7 * stage)
+    assert prediction.bytes_sent == {"D1": 8 * activation, "D2": 8 * activation}
+
+
+@pytest.mark.timeout(10)
+def test_unequal_stages_cost_the_fill_plus_m_minus_one_slowest() -> None:
+    costs = replace(model_costs(SPEC, GPT2_SMALL), embedding_blocks=1.0, head_blocks=2.0)
+    offers = _offers(0.01, 0.02)
+    plan = pipeline_plan(SPEC, offers, [(0, 8), (8, 12)])
+    prediction = predict(SPEC, GPT2_SMALL, plan, offers, links=_fast_links(offers), costs=costs)
+    first, second = 4 * 0.01 * (8 + 1), 4 * 0.02 * (4 + 2)
+    assert prediction.step_seconds == pytest.approx(first + second + 7 * max(first, second))
+    assert prediction.bottleneck == "D2"  # 0.48 s per micro-batch against 0.36 s
+
+
+@pytest.mark.timeout(10)
+def test_1f1b_keeps_s_minus_s_micro_batches_gpipe_keeps_all() -> None:
+    offers = _offers(0.01, 0.01, 0.01, 0.01)
+    ranges = [(0, 3), (3, 6), (6, 9), (9, 12)]
+    costs = model_costs(SPEC, GPT2_SMALL)
+    per_micro_batch = costs.block_activation_bytes_per_sample * 4 * 3  # 3 blocks, 4 samples
+    one_f_one_b = predict(SPEC, GPT2_SMALL, pipeline_plan(SPEC, offers, ranges), offers).memory_bytes
+    gpipe_spec = replace(SPEC, schedule="gpipe")
+    gpipe = predict(gpipe_spec, GPT2_SMALL, pipeline_plan(gpipe_spec, offers, ranges), offers).memory_bytes
+    # Stage s of 4 keeps 4 - s micro-batches under 1F1B and all 8 under GPipe.
+    assert [gpipe["D2"] - one_f_one_b["D2"], gpipe["D3"] - one_f_one_b["D3"]] == [
+        (8 - 3) * per_micro_batch, (8 - 2) * per_micro_batch]
+    middle = RUNTIME_OVERHEAD_BYTES + 3 * GPT2_SMALL.block_parameter_count * 16 + 3 * per_micro_batch
+    assert one_f_one_b["D2"] == middle
+    # The last stage holds the (tied) LM head again and its float32 logits.
+    assert one_f_one_b["D4"] > one_f_one_b["D3"] + 50257 * 768 * 16
+
+
+@pytest.mark.timeout(10)
+def test_training_memory_keeps_its_conservative_default() -> None:
+    spec = replace(SPEC, global_batch=8, micro_batches=4)
+    all_in_flight = training_memory(spec, GPT2_SMALL, parameters=1000, blocks=2)
+    one = training_memory(spec, GPT2_SMALL, parameters=1000, blocks=2, in_flight=1)
+    per_block = 2 * 32 * (16 * 768 + 2 * 12 * 32) * 4
+    assert all_in_flight - one == 3 * 2 * per_block
+    assert one == RUNTIME_OVERHEAD_BYTES + 1000 * 16 + 2 * per_block
+
+
+@pytest.mark.timeout(10)
+def test_tensor_parallel_is_communication_bound_on_wifi() -> None:
+    offers = _offers(0.01, 0.01, 0.01, 0.01)
+    workers = tuple(WorkerAssignment(rank=i + 1, device_id=o.device_id, tp_index=i, end_block=12)
+                    for i, o in enumerate(offers))
+    tensor = predict(SPEC, GPT2_SMALL, JobPlan(parallelism="tensor", workers=workers, micro_batches=8), offers)
+    size = 4 * 32 * 768 * 4
+    reduce = 2 * 3 / 4 * size / 0.12e9 + 2 * 3 * 0.002
+    assert tensor.bottleneck == "network"
+    communication = 8 * 12 * 4 * reduce
+    assert communication > tensor.step_seconds / 2
+    pipeline = predict(SPEC, GPT2_SMALL, pipeline_plan(SPEC, offers, [(0, 3), (3, 6), (6, 9), (9, 12)]), offers)
+    assert tensor.step_seconds > 2 * pipeline.step_seconds
+
+
+@pytest.mark.timeout(10)
+def test_data_parallel_pays_a_ring_all_reduce_every_sync() -> None:
+    offers = _offers(0.01, 0.02)
+    costs = replace(model_costs(SPEC, GPT2_SMALL), embedding_blocks=0.0, head_blocks=0.0)
+    workers = tuple(WorkerAssignment(rank=i + 1, device_id=o.device_id, dp_index=i, end_block=12)
+                    for i, o in enumerate(offers))
+    plan = JobPlan(parallelism="data", workers=workers, micro_batches=8)
+    all_reduce = 2 * 1 / 2 * GPT2_SMALL.parameter_count * 4 / 0.12e9 + 2 * 0.002
+    slowest = 4 * 4 * 12 * 0.02  # 4 micro-batches of 4 samples on the slower replica
+    assert predict(SPEC, GPT2_SMALL, plan, offers, costs=costs).step_seconds == pytest.approx(slowest + all_reduce)
+    every_fourth = replace(SPEC, sync_every=4)
+    assert predict(every_fourth, GPT2_SMALL, plan, offers, costs=costs).step_seconds == pytest.approx(
+        slowest + all_reduce / 4)
+
+
+@pytest.mark.timeout(10)
+def test_energy_is_idle_plus_busy_plus_bytes_per_device() -> None:
+    offers = [DeviceOffer(device_id="pi", memory_bytes=8 * GIB, cores=4, block_seconds=0.02,
+                          power_profile="raspberry-pi-4")]
+    plan = JobPlan(parallelism="single", workers=(WorkerAssignment(rank=1, device_id="pi", end_block=12),),
+                   micro_batches=8)
+    prediction = predict(SPEC, GPT2_SMALL, plan, offers)
+    pi = BUILTIN_PROFILES["raspberry-pi-4"]
+    expected = pi.idle_watts * prediction.step_seconds + pi.watts_per_core * 4 * prediction.busy_seconds["pi"]
+    assert prediction.joules["pi"] == pytest.approx(expected)
+    assert prediction.joules_per_sample == pytest.approx(expected / 32)
+    assert prediction.source == "model"
+
+
+@pytest.mark.timeout(10)
+def test_estimated_block_seconds_scale_with_cores_and_precision() -> None:
+    one = estimated_block_seconds(SPEC, GPT2_SMALL, DeviceOffer(device_id="a", memory_bytes=GIB, cores=1))
+    two = estimated_block_seconds(SPEC, GPT2_SMALL, DeviceOffer(device_id="a", memory_bytes=GIB, cores=2))
+    assert one == pytest.approx(2 * two)
+    # The DESIGN anchor: a GPT-2 small block, micro-batch 8 × 32, on 2 cores ≈ 80–150 ms forward+backward.
+    assert 0.08 <= 8 * two <= 0.15
+    doubles = replace(SPEC, precision="float64")
+    assert estimated_block_seconds(doubles, GPT2_SMALL, DeviceOffer(device_id="a", memory_bytes=GIB, cores=1)) == (
+        pytest.approx(2 * one))
