@@ -17,6 +17,10 @@ class JobState(Enum):
     LAUNCHING = "launching"
     """The coordinator plans and starts the workers."""
     RUNNING = "running"
+    RECOVERING = "recovering"
+    """A device of the plan failed or left; the job re-plans and resumes from its newest checkpoint."""
+    PAUSED = "paused"
+    """Waiting: a checkpoint could not be written (e.g. a full disk), or no plan fits the devices alive."""
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -54,6 +58,9 @@ class JobStatus:
     created_at: float = 0.0
     finished_at: float = 0.0
     term: int = 0
+    checkpoints: tuple[int, ...] = ()
+    """Steps of the complete checkpoints kept."""
+    recoveries_json: str = "[]"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -21,7 +21,8 @@ def status_to_wire(status: JobStatus) -> pb.JobStatus:
         steps_total=status.steps_total, last_loss=status.last_loss,
         seconds_per_sample=status.seconds_per_sample, joules_per_sample=status.joules_per_sample,
         energy_source=status.energy_source, output=status.output, created_at=status.created_at,
-        finished_at=status.finished_at, term=status.term,
+        finished_at=status.finished_at, term=status.term, checkpoints=list(status.checkpoints),
+        recoveries_json=status.recoveries_json,
     )
 
 
@@ -36,6 +37,7 @@ def status_from_wire(msg: pb.JobStatus) -> JobStatus:
         last_loss=msg.last_loss, seconds_per_sample=msg.seconds_per_sample,
         joules_per_sample=msg.joules_per_sample, energy_source=msg.energy_source, output=msg.output,
         created_at=msg.created_at, finished_at=msg.finished_at, term=msg.term,
+        checkpoints=tuple(msg.checkpoints), recoveries_json=msg.recoveries_json or "[]",
     )
 
 

@@ -30,13 +30,15 @@ class JobsHandler(Protocol):
     async def list_jobs(self) -> list[JobStatus]: ...
     async def get(self, job_id: str) -> JobStatus: ...
     async def cancel(self, job_id: str) -> JobStatus: ...
-    async def launch(self, job_id: str, spec_json: str, description_json: str, driver_address: str,
-                     caller: DeviceId) -> LaunchResult: ...
+    async def launch(self, job_id: str, spec_json: str, description_json: str, exclude: tuple[str, ...],
+                     resume: bool, caller: DeviceId) -> LaunchResult: ...
     async def start_worker(self, launch: WorkerLaunch, caller: DeviceId) -> str: ...
     async def connect_worker(self, term: int, coordinator_id: str, job_id: str,
                              endpoints: tuple[WorkerEndpoint, ...], caller: DeviceId) -> None: ...
     async def stop_worker(self, job_id: str, caller: DeviceId) -> None: ...
     async def report(self, status: JobStatus, caller: DeviceId) -> None: ...
+    async def leave(self, job_id: str, device_id: str, caller: DeviceId) -> None: ...
+    async def drain(self, device_id: str, caller: DeviceId) -> list[str]: ...
 
 
 class JobsServicer(pb_grpc.JobsServicer):
@@ -63,7 +65,8 @@ class JobsServicer(pb_grpc.JobsServicer):
 
     async def Launch(self, request: pb.LaunchRequest, context: Context) -> pb.LaunchResponse:
         result = await answer(context, self._handler.launch(
-            request.job_id, request.spec_json, request.description_json, request.driver_address, CALLER.get()))
+            request.job_id, request.spec_json, request.description_json, tuple(request.exclude), request.resume,
+            CALLER.get()))
         return codec.launch_result_to_wire(result)
 
     async def StartWorker(self, request: pb.StartWorkerRequest, context: Context) -> pb.StartWorkerResponse:
@@ -84,6 +87,15 @@ class JobsServicer(pb_grpc.JobsServicer):
     async def Report(self, request: pb.JobReport, context: Context) -> pb.WorkerAck:
         await answer(context, self._handler.report(codec.status_from_wire(request.status), CALLER.get()))
         return pb.WorkerAck()
+
+
+    async def Leave(self, request: pb.LeaveRequest, context: Context) -> pb.WorkerAck:
+        await answer(context, self._handler.leave(request.job_id, request.device_id, CALLER.get()))
+        return pb.WorkerAck()
+
+    async def Drain(self, request: pb.DrainRequest, context: Context) -> pb.DrainResponse:
+        jobs = await answer(context, self._handler.drain(request.device_id, CALLER.get()))
+        return pb.DrainResponse(jobs=jobs)
 
 
 def add_jobs_service(handler: JobsHandler) -> Any:
@@ -129,10 +141,10 @@ class JobsClient:
                                                             timeout=timeout.total_seconds()))
         return codec.status_from_wire(reply)
 
-    async def launch(self, job_id: str, spec_json: str, description_json: str, driver_address: str,
-                     timeout: timedelta = timedelta(minutes=3)) -> LaunchResult:
+    async def launch(self, job_id: str, spec_json: str, description_json: str, exclude: tuple[str, ...] = (),
+                     resume: bool = False, timeout: timedelta = timedelta(minutes=3)) -> LaunchResult:
         request = pb.LaunchRequest(job_id=job_id, spec_json=spec_json, description_json=description_json,
-                                   driver_address=driver_address)
+                                   exclude=list(exclude), resume=resume)
         reply = await call_rpc(self._target, self._stub.Launch(request, timeout=timeout.total_seconds()))
         return codec.launch_result_from_wire(reply)
 
@@ -154,3 +166,12 @@ class JobsClient:
     async def report(self, status: JobStatus, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
         await call_rpc(self._target, self._stub.Report(pb.JobReport(status=codec.status_to_wire(status)),
                                                     timeout=timeout.total_seconds()))
+
+    async def leave(self, job_id: str, device_id: str, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
+        await call_rpc(self._target, self._stub.Leave(pb.LeaveRequest(job_id=job_id, device_id=device_id),
+                                                      timeout=timeout.total_seconds()))
+
+    async def drain(self, device_id: str, timeout: timedelta = timedelta(seconds=30)) -> list[str]:
+        reply = await call_rpc(self._target, self._stub.Drain(pb.DrainRequest(device_id=device_id),
+                                                              timeout=timeout.total_seconds()))
+        return list(reply.jobs)

@@ -1,11 +1,12 @@
 """Wire <-> domain conversion for the tensor stream (protos/cetd/wire/tensor.proto), without extra copies.
 
-A tensor travels as one `TensorHeader` frame and then chunk frames of raw bytes. Headers and the stream
-opening are small and go through the generated protobuf classes; chunk frames are the bulk and are
-encoded and decoded here by hand, byte for byte what protobuf writes for ``TensorFrame{chunk}``, so
-that a chunk costs one copy into the frame on the way out and one copy into the receiver's
-preallocated buffer on the way in (a protobuf round trip would add two more). Everything announced by a
-peer is validated before a byte of memory is allocated for it.
+A tensor travels as one frame holding its `TensorHeader` and its first chunk of raw bytes, then chunk
+frames for the rest, so a tensor of at most one chunk costs a single gRPC message. Headers and the
+stream opening are small and go through the generated protobuf classes; the bytes are the bulk and are
+framed and unframed here by hand, byte for byte what protobuf writes for ``TensorFrame{header, chunk}``
+and ``TensorFrame{chunk}``, so that a chunk costs one copy into the frame on the way out and one copy
+into the receiver's preallocated buffer on the way in (a protobuf round trip would add two more).
+Everything announced by a peer is validated before a byte of memory is allocated for it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from cetd.ids import PROTOCOL_VERSION, JobId
@@ -35,8 +37,11 @@ ALLOWED_DTYPES: dict[str, torch.dtype] = {
 }
 """The dtypes a peer may announce, by wire name; anything else is refused."""
 
+_HEADER_TAG = 0x12
+"""Field 2 (``header``) of `TensorFrame`, wire type 2 (length-delimited)."""
 _CHUNK_TAG = 0x1A
 """Field 3 (``chunk``) of `TensorFrame`, wire type 2 (length-delimited)."""
+_NO_BYTES = memoryview(b"")
 
 
 class FrameError(Exception):
@@ -62,6 +67,17 @@ class TensorAnnouncement:
     total_bytes: int
     crc32: int | None
     """zlib CRC-32 of the tensor's bytes when the sender asked for a check, else None."""
+    defer_ack: bool = False
+    """The sender has more tensors queued behind this one and needs no acknowledgement of it alone."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeaderFrame:
+    """A frame that announces a tensor, with the tensor's first bytes when the sender put them in it."""
+
+    announcement: TensorAnnouncement
+    first_chunk: memoryview
+    """A view of the frame, empty when the header came alone."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -111,8 +127,20 @@ def encode_open(opening: StreamOpening) -> bytes:
     return frame.SerializeToString()
 
 
-def encode_header(key: TensorKey, tensor: torch.Tensor, data: memoryview, *, checksum: bool) -> bytes:
-    """The header frame announcing ``tensor`` whose bytes are ``data``."""
+def encode_header(
+    key: TensorKey,
+    tensor: torch.Tensor,
+    data: memoryview,
+    *,
+    checksum: bool,
+    defer_ack: bool = False,
+    first_chunk: memoryview = _NO_BYTES,
+) -> bytes:
+    """The frame announcing ``tensor`` whose bytes are ``data``, carrying ``first_chunk`` (a prefix of them).
+
+    Built with one copy of ``first_chunk``: the header goes through protobuf, the bytes are appended as
+    the ``chunk`` field exactly as protobuf would write it.
+    """
     header = tensor_pb2.TensorHeader(
         step=key.step,
         micro_batch=key.micro_batch,
@@ -120,11 +148,16 @@ def encode_header(key: TensorKey, tensor: torch.Tensor, data: memoryview, *, che
         dtype=dtype_name(tensor.dtype),
         shape=list(tensor.shape),
         total_bytes=data.nbytes,
+        defer_ack=defer_ack,
     )
     if checksum:
         header.checksum_kind = tensor_pb2.CHECKSUM_CRC32
         header.checksum = zlib.crc32(data)
-    return tensor_pb2.TensorFrame(header=header).SerializeToString()
+    encoded = header.SerializeToString()
+    parts: list[bytes | memoryview] = [bytes((_HEADER_TAG,)), _varint(len(encoded)), encoded]
+    if first_chunk.nbytes:
+        parts += [bytes((_CHUNK_TAG,)), _varint(first_chunk.nbytes), first_chunk]
+    return b"".join(parts)
 
 
 def _varint(value: int) -> bytes:
@@ -147,25 +180,61 @@ def encode_chunks(data: memoryview, chunk_bytes: int) -> Iterator[bytes]:
         yield b"".join((bytes((_CHUNK_TAG,)), _varint(piece.nbytes), piece))
 
 
-def _chunk_payload(frame: bytes) -> memoryview | None:
-    """The payload of a frame encoded as a lone chunk field, or None when it is anything else."""
-    if not frame or frame[0] != _CHUNK_TAG:
-        return None
-    length = 0
+def encode_tensor(
+    key: TensorKey, tensor: torch.Tensor, data: memoryview, *, chunk_bytes: int, checksum: bool, defer_ack: bool
+) -> Iterator[bytes]:
+    """Every frame of one tensor: the header with the first ``chunk_bytes`` bytes, then chunk frames."""
+    yield encode_header(key, tensor, data, checksum=checksum, defer_ack=defer_ack, first_chunk=data[:chunk_bytes])
+    if data.nbytes > chunk_bytes:
+        yield from encode_chunks(data[chunk_bytes:], chunk_bytes)
+
+
+def _read_varint(frame: bytes, position: int) -> tuple[int, int] | None:
+    """The varint at ``position`` and the position after it, or None when it is truncated or too long."""
+    value = 0
     shift = 0
-    position = 1
-    while position < len(frame) and position < 11:
+    end = min(len(frame), position + 10)
+    while position < end:
         byte = frame[position]
         position += 1
-        length |= (byte & 0x7F) << shift
+        value |= (byte & 0x7F) << shift
         shift += 7
         if byte < 0x80:
-            return memoryview(frame)[position:] if position + length == len(frame) else None
+            return value, position
     return None
 
 
-def decode_frame(frame: bytes, *, max_tensor_bytes: int) -> StreamOpening | TensorAnnouncement | memoryview:
-    """Decode one frame: the stream opening, a validated tensor header, or a chunk's payload.
+def _chunk_payload(frame: bytes, position: int = 0) -> memoryview | None:
+    """The payload of a lone chunk field filling ``frame`` from ``position``, or None when it is anything else."""
+    if position >= len(frame) or frame[position] != _CHUNK_TAG:
+        return None
+    length = _read_varint(frame, position + 1)
+    if length is None or length[1] + length[0] != len(frame):
+        return None
+    return memoryview(frame)[length[1] :]
+
+
+def _split_header_frame(frame: bytes) -> tuple[bytes, memoryview] | None:
+    """A header field's bytes and the lone chunk field after it, or None when the frame is laid out otherwise."""
+    if not frame or frame[0] != _HEADER_TAG:
+        return None
+    length = _read_varint(frame, 1)
+    if length is None:
+        return None
+    end = length[1] + length[0]
+    if end == len(frame):
+        return frame[length[1] :], _NO_BYTES
+    chunk = _chunk_payload(frame, end)
+    return None if chunk is None else (frame[length[1] : end], chunk)
+
+
+def decode_frame(
+    frame: bytes, *, max_tensor_bytes: int
+) -> StreamOpening | HeaderFrame | memoryview:
+    """Decode one frame: the stream opening, a validated tensor header (with its first bytes), or a chunk.
+
+    Frames as `encode_header` and `encode_chunks` lay them out are split by hand, without copying the
+    bytes they carry; anything else a protobuf encoder may write goes through protobuf.
 
     Raises:
         FrameError: the frame is malformed or announces a tensor the receiver refuses.
@@ -173,26 +242,37 @@ def decode_frame(frame: bytes, *, max_tensor_bytes: int) -> StreamOpening | Tens
     payload = _chunk_payload(frame)
     if payload is not None:
         return payload
+    split = _split_header_frame(frame)
     try:
+        if split is not None:
+            header = tensor_pb2.TensorHeader.FromString(split[0])
+            return HeaderFrame(
+                announcement=validate_header(header, max_tensor_bytes=max_tensor_bytes), first_chunk=split[1]
+            )
         message = tensor_pb2.TensorFrame.FromString(frame)
+    except FrameError:
+        raise
     except Exception as error:  # protobuf raises DecodeError or RuntimeError depending on the backend
         raise FrameError(f"malformed frame: {error}") from error
     kind = message.WhichOneof("frame")
-    if kind == "chunk":
-        return memoryview(message.chunk)
-    if kind == "open":
-        opening = message.open
-        if opening.protocol_version != PROTOCOL_VERSION:
-            raise FrameError(
-                f"protocol version {opening.protocol_version} is not supported (this side speaks "
-                f"{PROTOCOL_VERSION})"
-            )
-        return StreamOpening(
-            job_id=JobId(opening.job_id), sender_rank=opening.sender_rank, receiver_rank=opening.receiver_rank
-        )
+    if kind is None:
+        if message.chunk:
+            return memoryview(message.chunk)
+        raise FrameError("empty frame")
     if kind == "header":
-        return validate_header(message.header, max_tensor_bytes=max_tensor_bytes)
-    raise FrameError("empty frame")
+        announcement = validate_header(message.header, max_tensor_bytes=max_tensor_bytes)
+        return HeaderFrame(announcement=announcement, first_chunk=memoryview(message.chunk))
+    if message.chunk:
+        raise FrameError("StreamOpen carries tensor bytes")
+    opening = message.open
+    if opening.protocol_version != PROTOCOL_VERSION:
+        raise FrameError(
+            f"protocol version {opening.protocol_version} is not supported (this side speaks "
+            f"{PROTOCOL_VERSION})"
+        )
+    return StreamOpening(
+        job_id=JobId(opening.job_id), sender_rank=opening.sender_rank, receiver_rank=opening.receiver_rank
+    )
 
 
 def validate_header(header: tensor_pb2.TensorHeader, *, max_tensor_bytes: int) -> TensorAnnouncement:
@@ -217,7 +297,28 @@ def validate_header(header: tensor_pb2.TensorHeader, *, max_tensor_bytes: int) -
             f"{describe_key(key)} announces {expected} bytes, more than the {max_tensor_bytes} allowed"
         )
     crc32 = header.checksum if header.checksum_kind == tensor_pb2.CHECKSUM_CRC32 else None
-    return TensorAnnouncement(key=key, dtype=dtype, shape=shape, total_bytes=expected, crc32=crc32)
+    return TensorAnnouncement(
+        key=key, dtype=dtype, shape=shape, total_bytes=expected, crc32=crc32, defer_ack=header.defer_ack
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceivedTensor:
+    """A complete tensor's bytes, not yet turned into a torch tensor.
+
+    The torch calls that make the tensor release and retake the GIL, so they are left to the thread that
+    claims it rather than made on the event loop that reads the stream.
+    """
+
+    announcement: TensorAnnouncement
+    buffer: np.ndarray[tuple[int], np.dtype[np.uint8]]
+
+    def tensor(self) -> torch.Tensor:
+        """The tensor, a view of the received bytes (no copy)."""
+        announcement = self.announcement
+        if not announcement.total_bytes:  # numpy gives an empty array stride 0, which torch cannot view
+            return torch.empty(announcement.shape, dtype=announcement.dtype)
+        return torch.from_numpy(self.buffer).view(announcement.dtype).reshape(announcement.shape)
 
 
 class TensorAssembler:
@@ -225,9 +326,9 @@ class TensorAssembler:
 
     def __init__(self, announcement: TensorAnnouncement) -> None:
         self.announcement = announcement
-        # torch.empty does not zero the memory (a bytearray would); the tensor is a view of it at the end.
-        self._buffer = torch.empty(announcement.total_bytes, dtype=torch.uint8)
-        self._view = self._buffer.numpy().data.cast("B") if announcement.total_bytes else None
+        # np.empty does not zero the memory (a bytearray would); the tensor is a view of it at the end.
+        self._buffer: np.ndarray[tuple[int], np.dtype[np.uint8]] = np.empty(announcement.total_bytes, dtype=np.uint8)
+        self._view = self._buffer.data.cast("B") if announcement.total_bytes else None
         self._filled = 0
 
     @property
@@ -250,8 +351,8 @@ class TensorAssembler:
         self._view[self._filled : end] = chunk
         self._filled = end
 
-    def tensor(self) -> torch.Tensor:
-        """The received tensor, a view of the buffer (no copy).
+    def received(self) -> ReceivedTensor:
+        """The complete tensor's bytes, once checked.
 
         Raises:
             FrameError: the checksum the sender announced does not match the bytes.
@@ -261,4 +362,12 @@ class TensorAssembler:
             found = zlib.crc32(self._view) if self._view is not None else 0
             if found != announcement.crc32:
                 raise FrameError(f"{describe_key(announcement.key)} failed its CRC-32 check")
-        return self._buffer.view(announcement.dtype).reshape(announcement.shape)
+        return ReceivedTensor(announcement=announcement, buffer=self._buffer)
+
+    def tensor(self) -> torch.Tensor:
+        """The received tensor, a view of the buffer (no copy).
+
+        Raises:
+            FrameError: the checksum the sender announced does not match the bytes.
+        """
+        return self.received().tensor()

@@ -2,10 +2,14 @@
 
 A `PeerSender` owns the stream from this worker to one peer. It opens the stream on the first tensor
 (retrying while the peer is unreachable, until that tensor's deadline), writes each queued tensor as a
-header and ~1 MiB chunk frames, and completes a tensor's future when the receiver acknowledges it. A
-stream that breaks fails every unacknowledged tensor with the reason and is reopened for the next one.
-Runs on the channel's event loop only; the futures are `concurrent.futures` ones so that callers on
-other threads can wait for them.
+header frame carrying the first chunk (512 KiB by default) and then chunk frames, and completes a
+tensor's future when the receiver acknowledges it. While more tensors are queued behind one, the sender
+lets the receiver acknowledge it together with a later one (within `_DEFER_MAX_TENSORS` and
+`_DEFER_MAX_BYTES`), so a burst of small tensors costs a few acknowledgements rather than one each;
+the last tensor of a burst is always acknowledged at once. A stream that breaks fails every
+unacknowledged tensor with the reason and is reopened for the next one. `submit` may be called from any
+thread and wakes the event loop only when the sender is idle; everything else runs on the channel's
+event loop. The futures are `concurrent.futures` ones so that callers on other threads can wait for them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,9 +31,8 @@ from cetd.transport.channel import TensorKey, TransportError
 from cetd.transport.tensor_codec import (
     StreamOpening,
     describe_key,
-    encode_chunks,
-    encode_header,
     encode_open,
+    encode_tensor,
 )
 from cetd.wire import tensor_pb2
 
@@ -37,6 +41,10 @@ logger = logging.getLogger(__name__)
 _RETRY_FIRST_S = 0.05
 _RETRY_MAX_S = 1.0
 _READER_GRACE_S = 1.0
+_DEFER_MAX_TENSORS = 32
+"""Most tensors in a row whose acknowledgement the receiver may hold back."""
+_DEFER_MAX_BYTES = 16 * 1024 * 1024
+"""Most bytes in a row whose acknowledgement the receiver may hold back."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,17 +130,45 @@ class PeerSender:
         self._open_call = open_call
         self._chunk_bytes = chunk_bytes
         self._checksum = checksum
-        self._queue: asyncio.Queue[SendItem | None] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        # Filled from any thread under the lock; the loop is woken only when the writer sleeps on `_ready`.
+        self._lock = threading.Lock()
+        self._pending: deque[SendItem | None] = deque()
+        self._sleeping = False
+        self._ready = asyncio.Event()
         self._stream: _Stream | None = None
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"tensor-sender-{self._peer}")
+        self._deferred_tensors = 0
+        self._deferred_bytes = 0
+        self._task = self._loop.create_task(self._run(), name=f"tensor-sender-{self._peer}")
 
-    def enqueue(self, item: SendItem) -> None:
-        """Queue a tensor (called on the loop thread)."""
-        self._queue.put_nowait(item)
+    def submit(self, item: SendItem) -> None:
+        """Queue a tensor (from any thread)."""
+        self._put(item)
+
+    def _put(self, item: SendItem | None) -> None:
+        with self._lock:
+            self._pending.append(item)
+            wake = self._sleeping
+            self._sleeping = False
+        if wake:
+            self._loop.call_soon_threadsafe(self._ready.set)
+
+    async def _next_item(self) -> SendItem | None:
+        while True:
+            with self._lock:
+                if self._pending:
+                    return self._pending.popleft()
+                self._sleeping = True
+                self._ready.clear()
+            await self._ready.wait()
+
+    def _more_queued(self) -> bool:
+        with self._lock:
+            return any(item is not None and not item.done.done() for item in self._pending)
 
     async def close(self, grace: float) -> None:
         """Send what is queued and wait for its acknowledgements, for at most ``grace`` seconds."""
-        self._queue.put_nowait(None)
+        self._put(None)
         try:
             await asyncio.wait_for(asyncio.shield(self._task), grace)
         except asyncio.TimeoutError:
@@ -146,13 +182,14 @@ class PeerSender:
                 await stream.reader
             stream.call.cancel()
             stream.fail("the channel was closed")
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
+        with self._lock:
+            left, self._pending = list(self._pending), deque()
+        for item in left:
             if item is not None:
                 _fail(item, f"the channel was closed before {describe_key(item.key)} was sent")
 
     async def _run(self) -> None:
-        while (item := await self._queue.get()) is not None:
+        while (item := await self._next_item()) is not None:
             if item.done.done():
                 continue
             try:
@@ -170,6 +207,7 @@ class PeerSender:
     async def _ensure_stream(self, deadline: float) -> _Stream:
         if self._stream is not None and self._stream.broken is None:
             return self._stream
+        self._deferred_tensors = self._deferred_bytes = 0
         delay = _RETRY_FIRST_S
         while True:
             call = self._open_call()
@@ -195,11 +233,27 @@ class PeerSender:
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_MAX_S)
 
+    def _defer_ack(self, item: SendItem) -> bool:
+        """Whether the receiver may acknowledge ``item`` together with a later tensor."""
+        if (
+            self._deferred_tensors >= _DEFER_MAX_TENSORS
+            or self._deferred_bytes + item.data.nbytes > _DEFER_MAX_BYTES
+            or not self._more_queued()
+        ):
+            self._deferred_tensors = self._deferred_bytes = 0
+            return False
+        self._deferred_tensors += 1
+        self._deferred_bytes += item.data.nbytes
+        return True
+
     async def _write(self, stream: _Stream, item: SendItem) -> None:
         stream.unacknowledged.append(item)
+        frames = encode_tensor(
+            item.key, item.tensor, item.data,
+            chunk_bytes=self._chunk_bytes, checksum=self._checksum, defer_ack=self._defer_ack(item),
+        )
         try:
-            await stream.call.write(encode_header(item.key, item.tensor, item.data, checksum=self._checksum))
-            for frame in encode_chunks(item.data, self._chunk_bytes):
+            for frame in frames:
                 await stream.call.write(frame)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             # The ack reader knows better why (a refusal, or the status the receiver ended with).

@@ -4,7 +4,9 @@ Every stream is authorized (the caller's certificate, then its job, ranks and, o
 that the certificate is the one of the rank it claims), then read frame by frame into preallocated
 buffers. Complete tensors wait in the inbox of their sender until `TensorInbox.take` claims them by key,
 so sends may arrive in any order relative to receives. When a sender's inbox is full the servicer stops
-reading its stream, and HTTP/2 flow control stops the sender. Runs on the channel's event loop only.
+reading its stream, and HTTP/2 flow control stops the sender. The servicer runs on the channel's event
+loop; `take` is called from the runtime's thread and blocks on a condition variable, so a receive costs
+one thread wake-up (when the tensor was not there yet) instead of a round trip through the loop.
 """
 
 from __future__ import annotations
@@ -12,19 +14,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import torch
 from cryptography import x509
 
 from cetd.ids import JobId
 from cetd.transport.channel import TensorKey, TransportError
 from cetd.transport.tensor_codec import (
     FrameError,
+    HeaderFrame,
+    ReceivedTensor,
     StreamOpening,
     TensorAnnouncement,
     TensorAssembler,
@@ -48,13 +53,15 @@ _REFUSAL_DRAIN_S = 10.0
 class _PeerInbox:
     """Complete tensors from one sender that no `take` claimed yet, and why its stream ended, if it did."""
 
-    tensors: dict[TensorKey, deque[torch.Tensor]] = field(default_factory=dict)
+    tensors: dict[TensorKey, deque[ReceivedTensor]] = field(default_factory=dict)
     stored_bytes: int = 0
     stored_count: int = 0
     waiting: dict[TensorKey, int] = field(default_factory=dict)
     failure: str | None = None
     latest_stream: int = 0
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    room: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+    """The servicer's wait for room, when its stream is paused: woken by whatever may have made room."""
 
 
 class TensorInbox:
@@ -62,18 +69,31 @@ class TensorInbox:
 
     A tensor is always admitted when its sender's inbox is empty or when a `take` waits for its key, so a
     receiver that asks for the next tensor in its sender's order never deadlocks on a full inbox.
+    Thread-safe: the servicer fills it on the event loop, the runtime takes from it on its own thread.
     """
 
     def __init__(self, *, world_size: int, max_bytes: int, max_count: int) -> None:
         self._max_bytes = max_bytes
         self._max_count = max_count
         self._peers = [_PeerInbox() for _ in range(world_size)]
+        self._closed = False
+
+    def has_room(self, sender: int, announcement: TensorAnnouncement) -> bool:
+        """Whether the sender's inbox admits an announced tensor now."""
+        inbox = self._peers[sender]
+        with inbox.changed:
+            return self._has_room(inbox, announcement)
 
     async def admit(self, sender: int, announcement: TensorAnnouncement) -> None:
-        """Wait until the sender's inbox has room for an announced tensor."""
+        """Wait until the sender's inbox has room for an announced tensor (on the event loop)."""
         inbox = self._peers[sender]
-        async with inbox.changed:
-            await inbox.changed.wait_for(lambda: self._has_room(inbox, announcement))
+        while True:
+            with inbox.changed:
+                if self._has_room(inbox, announcement):
+                    return
+                room = asyncio.get_running_loop().create_future()
+                inbox.room = (room.get_loop(), room)
+            await room
 
     def _has_room(self, inbox: _PeerInbox, announcement: TensorAnnouncement) -> bool:
         return (
@@ -85,57 +105,88 @@ class TensorInbox:
             )
         )
 
-    async def put(self, sender: int, key: TensorKey, tensor: torch.Tensor) -> None:
+    @staticmethod
+    def _wake_admission(inbox: _PeerInbox) -> None:
+        # Called with inbox.changed held; the servicer re-checks for room itself.
+        if inbox.room is not None:
+            loop, room = inbox.room
+            inbox.room = None
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(_set_if_pending, room)
+
+    def put(self, sender: int, received: ReceivedTensor) -> None:
         """Store a complete tensor and wake whoever waits for it."""
         inbox = self._peers[sender]
-        async with inbox.changed:
-            inbox.tensors.setdefault(key, deque()).append(tensor)
-            inbox.stored_bytes += tensor.nbytes
+        with inbox.changed:
+            inbox.tensors.setdefault(received.announcement.key, deque()).append(received)
+            inbox.stored_bytes += received.announcement.total_bytes
             inbox.stored_count += 1
             inbox.changed.notify_all()
 
-    async def take(self, sender: int, key: TensorKey) -> torch.Tensor:
-        """Wait for the tensor ``key`` from ``sender`` and remove it from the inbox.
+    def take(self, sender: int, key: TensorKey, timeout: float) -> ReceivedTensor:
+        """Wait up to ``timeout`` seconds for the tensor ``key`` from ``sender`` and remove it from the inbox.
 
         Raises:
-            TransportError: the sender's stream ended before the tensor arrived.
+            TransportError: the sender's stream ended before the tensor arrived, the time ran out, or
+                the inbox was closed.
         """
         inbox = self._peers[sender]
-        async with inbox.changed:
+        deadline = time.monotonic() + timeout
+        with inbox.changed:
             inbox.waiting[key] = inbox.waiting.get(key, 0) + 1
-            inbox.changed.notify_all()  # a servicer may wait for room that this waiter now grants
+            self._wake_admission(inbox)  # a paused stream may now admit this key
             try:
-                await inbox.changed.wait_for(lambda: key in inbox.tensors or inbox.failure is not None)
+                while key not in inbox.tensors and inbox.failure is None and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TransportError(
+                            f"peer rank {sender} did not send {describe_key(key)} within {timeout:g} s"
+                        )
+                    inbox.changed.wait(left)
             finally:
                 inbox.waiting[key] -= 1
                 if not inbox.waiting[key]:
                     del inbox.waiting[key]
             if key not in inbox.tensors:
+                if self._closed:
+                    raise TransportError(f"the channel was closed while waiting for {describe_key(key)}")
                 raise TransportError(f"peer rank {sender} {inbox.failure} before sending {describe_key(key)}")
             queue = inbox.tensors[key]
-            tensor = queue.popleft()
+            received = queue.popleft()
             if not queue:
                 del inbox.tensors[key]
-            inbox.stored_bytes -= tensor.nbytes
+            inbox.stored_bytes -= received.announcement.total_bytes
             inbox.stored_count -= 1
-            inbox.changed.notify_all()
-            return tensor
+            self._wake_admission(inbox)
+            return received
 
-    async def stream_opened(self, sender: int) -> int:
+    def stream_opened(self, sender: int) -> int:
         """Note a new stream from ``sender`` (clearing an earlier failure); returns its token."""
         inbox = self._peers[sender]
-        async with inbox.changed:
+        with inbox.changed:
             inbox.latest_stream += 1
             inbox.failure = None
             return inbox.latest_stream
 
-    async def stream_ended(self, sender: int, token: int, failure: str) -> None:
+    def stream_ended(self, sender: int, token: int, failure: str) -> None:
         """Record why the sender's stream ended, failing waiting takes, unless a newer stream replaced it."""
         inbox = self._peers[sender]
-        async with inbox.changed:
+        with inbox.changed:
             if token == inbox.latest_stream:
                 inbox.failure = failure
                 inbox.changed.notify_all()
+
+    def close(self) -> None:
+        """Fail every waiting and later `take`."""
+        self._closed = True
+        for inbox in self._peers:
+            with inbox.changed:
+                inbox.changed.notify_all()
+
+
+def _set_if_pending(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def certificate_dns_names(cert_pem: bytes) -> list[str]:
@@ -180,10 +231,12 @@ class TensorStreamServicer:
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Exchange": method})
 
     async def _exchange(self, requests: object, context: grpc.aio.ServicerContext[bytes, object]) -> None:
+        # Read the opening before refusing anything: aborting while the sender's first write is still in
+        # flight makes grpc report that write's failure as a bare INTERNAL error instead of our status.
+        first = await context.read()
         cert = list(context.auth_context().get("x509_pem_cert", []))
         if not cert or not self._authorize(cert[0]):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate not authorized")
-        first = await context.read()
         opening = self._decode_opening(first)
         if not isinstance(opening, StreamOpening):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a stream must begin with StreamOpen")
@@ -196,7 +249,7 @@ class TensorStreamServicer:
         if refusal is not None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
         sender = opening.sender_rank
-        token = await self._inbox.stream_opened(sender)
+        token = self._inbox.stream_opened(sender)
         await context.write(tensor_pb2.StreamAck(tensors_received=0))
         failure = "broke its stream"
         try:
@@ -208,7 +261,7 @@ class TensorStreamServicer:
             logger.warning("refusing tensor stream from rank %d: %s", sender, error)
             await self._refuse(context, str(error))
         finally:
-            await asyncio.shield(self._inbox.stream_ended(sender, token, failure))
+            self._inbox.stream_ended(sender, token, failure)
 
     def _decode_opening(self, frame: object) -> StreamOpening | None:
         try:
@@ -266,24 +319,32 @@ class TensorStreamServicer:
                 if assembler is None:
                     raise FrameError("a chunk arrived without a header")
                 assembler.add(decoded)
-            elif isinstance(decoded, TensorAnnouncement):
+            elif isinstance(decoded, HeaderFrame):
+                announcement = decoded.announcement
                 if assembler is not None:
                     raise FrameError(f"a header arrived inside {describe_key(assembler.announcement.key)}")
-                await self._inbox.admit(sender, decoded)  # not reading here is the backpressure
-                assembler = TensorAssembler(decoded)
+                if not self._inbox.has_room(sender, announcement):
+                    # Not reading here is the backpressure. Acknowledge what arrived first, so that a
+                    # sender waiting on a deferred acknowledgement is not held up by the pause.
+                    acks.flush()
+                    await self._inbox.admit(sender, announcement)
+                assembler = TensorAssembler(announcement)
+                if decoded.first_chunk.nbytes:
+                    assembler.add(decoded.first_chunk)
             else:
                 raise FrameError("StreamOpen sent twice")
             if assembler is not None and assembler.complete:
-                await self._inbox.put(sender, assembler.announcement.key, assembler.tensor())
+                self._inbox.put(sender, assembler.received())
+                acks.received(defer=assembler.announcement.defer_ack)
                 assembler = None
-                acks.received()
 
 
 class _AckWriter:
     """Acknowledges received tensors without holding up the reading: one ack covers all since the last.
 
-    Small tensors arrive faster than one ack per tensor can be written; while a write is in flight the
-    count keeps growing and the next write reports it whole.
+    A tensor whose sender deferred its acknowledgement is only counted; the next tensor that is not
+    deferred, a pause for inbox room, or the end of the stream writes the count. While a write is in
+    flight the count keeps growing and the next write reports it whole.
     """
 
     def __init__(self, context: grpc.aio.ServicerContext[bytes, object]) -> None:
@@ -294,10 +355,16 @@ class _AckWriter:
         self._pending = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def received(self) -> None:
-        """Count one more complete tensor."""
+    def received(self, *, defer: bool) -> None:
+        """Count one more complete tensor; acknowledge it (and all before it) soon unless ``defer``."""
         self._received += 1
-        self._pending.set()
+        if not defer:
+            self._pending.set()
+
+    def flush(self) -> None:
+        """Acknowledge every tensor counted so far, deferred ones included."""
+        if self._received > self._written:
+            self._pending.set()
 
     async def close(self) -> None:
         """Write the last count, if it is not acknowledged yet, and stop."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63\x65td/wire/jobs.proto\x12\x07\x63\x65td.v1\"\"\n\rSubmitRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\"\x1c\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"L\n\x0cStepProgress\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12\x0f\n\x07samples\x18\x04 \x01(\x04\"\xc7\x02\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tspec_json\x18\x04 \x01(\t\x12\x11\n\tplan_json\x18\x05 \x01(\t\x12\x14\n\x0csubmitter_id\x18\x06 \x01(\t\x12\x12\n\nsteps_done\x18\x07 \x01(\x04\x12\x13\n\x0bsteps_total\x18\x08 \x01(\x04\x12\x11\n\tlast_loss\x18\t \x01(\x01\x12\x1a\n\x12seconds_per_sample\x18\n \x01(\x01\x12\x19\n\x11joules_per_sample\x18\x0b \x01(\x01\x12\x0e\n\x06output\x18\x0c \x01(\t\x12\x12\n\ncreated_at\x18\r \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0e \x01(\x01\x12\x0c\n\x04term\x18\x0f \x01(\x04\x12\x15\n\renergy_source\x18\x10 \x01(\t\"S\n\x08JobEvent\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.cetd.v1.JobStatus\x12#\n\x04step\x18\x02 \x01(\x0b\x32\x15.cetd.v1.StepProgress\"\x1e\n\x0cWatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"4\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.cetd.v1.JobStatus\"d\n\rLaunchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65scription_json\x18\x03 \x01(\t\x12\x16\n\x0e\x64river_address\x18\x04 \x01(\t\"B\n\x0eWorkerEndpoint\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"]\n\x0eLaunchResponse\x12\x11\n\tplan_json\x18\x01 \x01(\t\x12*\n\tendpoints\x18\x02 \x03(\x0b\x32\x17.cetd.v1.WorkerEndpoint\x12\x0c\n\x04term\x18\x03 \x01(\x04\"\xae\x01\n\x12StartWorkerRequest\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x16\n\x0e\x63oordinator_id\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x11\n\tspec_json\x18\x05 \x01(\t\x12\x11\n\tplan_json\x18\x06 \x01(\t\x12\x18\n\x10\x64\x65scription_json\x18\x07 \x01(\t\x12\x14\n\x0csubmitter_id\x18\x08 \x01(\t\"&\n\x13StartWorkerResponse\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"x\n\x14\x43onnectWorkerRequest\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x16\n\x0e\x63oordinator_id\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12*\n\tendpoints\x18\x04 \x03(\x0b\x32\x17.cetd.v1.WorkerEndpoint\"\x0b\n\tWorkerAck\"/\n\tJobReport\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.cetd.v1.JobStatus2\xc3\x04\n\x04Jobs\x12\x34\n\x06Submit\x12\x16.cetd.v1.SubmitRequest\x1a\x12.cetd.v1.JobStatus\x12\x33\n\x05Watch\x12\x15.cetd.v1.WatchRequest\x1a\x11.cetd.v1.JobEvent0\x01\x12;\n\x04List\x12\x18.cetd.v1.ListJobsRequest\x1a\x19.cetd.v1.ListJobsResponse\x12.\n\x03Get\x12\x13.cetd.v1.JobRequest\x1a\x12.cetd.v1.JobStatus\x12\x31\n\x06\x43\x61ncel\x12\x13.cetd.v1.JobRequest\x1a\x12.cetd.v1.JobStatus\x12\x39\n\x06Launch\x12\x16.cetd.v1.LaunchRequest\x1a\x17.cetd.v1.LaunchResponse\x12H\n\x0bStartWorker\x12\x1b.cetd.v1.StartWorkerRequest\x1a\x1c.cetd.v1.StartWorkerResponse\x12\x42\n\rConnectWorker\x12\x1d.cetd.v1.ConnectWorkerRequest\x1a\x12.cetd.v1.WorkerAck\x12\x35\n\nStopWorker\x12\x13.cetd.v1.JobRequest\x1a\x12.cetd.v1.WorkerAck\x12\x30\n\x06Report\x12\x12.cetd.v1.JobReport\x1a\x12.cetd.v1.WorkerAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63\x65td/wire/jobs.proto\x12\x07\x63\x65td.v1\"\"\n\rSubmitRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\"\x1c\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"L\n\x0cStepProgress\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12\x0f\n\x07samples\x18\x04 \x01(\x04\"\xf5\x02\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tspec_json\x18\x04 \x01(\t\x12\x11\n\tplan_json\x18\x05 \x01(\t\x12\x14\n\x0csubmitter_id\x18\x06 \x01(\t\x12\x12\n\nsteps_done\x18\x07 \x01(\x04\x12\x13\n\x0bsteps_total\x18\x08 \x01(\x04\x12\x11\n\tlast_loss\x18\t \x01(\x01\x12\x1a\n\x12seconds_per_sample\x18\n \x01(\x01\x12\x19\n\x11joules_per_sample\x18\x0b \x01(\x01\x12\x0e\n\x06output\x18\x0c \x01(\t\x12\x12\n\ncreated_at\x18\r \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0e \x01(\x01\x12\x0c\n\x04term\x18\x0f \x01(\x04\x12\x15\n\renergy_source\x18\x10 \x01(\t\x12\x13\n\x0b\x63heckpoints\x18\x11 \x03(\x04\x12\x17\n\x0frecoveries_json\x18\x12 \x01(\t\"S\n\x08JobEvent\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.cetd.v1.JobStatus\x12#\n\x04step\x18\x02 \x01(\x0b\x32\x15.cetd.v1.StepProgress\"\x1e\n\x0cWatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"4\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.cetd.v1.JobStatus\"\x85\x01\n\rLaunchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tspec_json\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65scription_json\x18\x03 \x01(\t\x12\x16\n\x0e\x64river_address\x18\x04 \x01(\t\x12\x0f\n\x07\x65xclude\x18\x05 \x03(\t\x12\x0e\n\x06resume\x18\x06 \x01(\x08\"B\n\x0eWorkerEndpoint\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\"]\n\x0eLaunchResponse\x12\x11\n\tplan_json\x18\x01 \x01(\t\x12*\n\tendpoints\x18\x02 \x03(\x0b\x32\x17.cetd.v1.WorkerEndpoint\x12\x0c\n\x04term\x18\x03 \x01(\x04\"\xae\x01\n\x12StartWorkerRequest\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x16\n\x0e\x63oordinator_id\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x11\n\tspec_json\x18\x05 \x01(\t\x12\x11\n\tplan_json\x18\x06 \x01(\t\x12\x18\n\x10\x64\x65scription_json\x18\x07 \x01(\t\x12\x14\n\x0csubmitter_id\x18\x08 \x01(\t\"&\n\x13StartWorkerResponse\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"x\n\x14\x43onnectWorkerRequest\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x16\n\x0e\x63oordinator_id\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12*\n\tendpoints\x18\x04 \x03(\x0b\x32\x17.cetd.v1.WorkerEndpoint\"\x0b\n\tWorkerAck\"/\n\tJobReport\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.cetd.v1.JobStatus\"1\n\x0cLeaveRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\"!\n\x0c\x44rainRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x1d\n\rDrainResponse\x12\x0c\n\x04jobs\x18\x01 \x03(\t2\xaf\x05\n\x04Jobs\x12\x34\n\x06Submit\x12\x16.cetd.v1.SubmitRequest\x1a\x12.cetd.v1.JobStatus\x12\x33\n\x05Watch\x12\x15.cetd.v1.WatchRequest\x1a\x11.cetd.v1.JobEvent0\x01\x12;\n\x04List\x12\x18.cetd.v1.ListJobsRequest\x1a\x19.cetd.v1.ListJobsResponse\x12.\n\x03Get\x12\x13.cetd.v1.JobRequest\x1a\x12.cetd.v1.JobStatus\x12\x31\n\x06\x43\x61ncel\x12\x13.cetd.v1.JobRequest\x1a\x12.cetd.v1.JobStatus\x12\x39\n\x06Launch\x12\x16.cetd.v1.LaunchRequest\x1a\x17.cetd.v1.LaunchResponse\x12H\n\x0bStartWorker\x12\x1b.cetd.v1.StartWorkerRequest\x1a\x1c.cetd.v1.StartWorkerResponse\x12\x42\n\rConnectWorker\x12\x1d.cetd.v1.ConnectWorkerRequest\x1a\x12.cetd.v1.WorkerAck\x12\x35\n\nStopWorker\x12\x13.cetd.v1.JobRequest\x1a\x12.cetd.v1.WorkerAck\x12\x30\n\x06Report\x12\x12.cetd.v1.JobReport\x1a\x12.cetd.v1.WorkerAck\x12\x32\n\x05Leave\x12\x15.cetd.v1.LeaveRequest\x1a\x12.cetd.v1.WorkerAck\x12\x36\n\x05\x44rain\x12\x15.cetd.v1.DrainRequest\x1a\x16.cetd.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,31 +38,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPPROGRESS']._serialized_start=99
   _globals['_STEPPROGRESS']._serialized_end=175
   _globals['_JOBSTATUS']._serialized_start=178
-  _globals['_JOBSTATUS']._serialized_end=505
-  _globals['_JOBEVENT']._serialized_start=507
-  _globals['_JOBEVENT']._serialized_end=590
-  _globals['_WATCHREQUEST']._serialized_start=592
-  _globals['_WATCHREQUEST']._serialized_end=622
-  _globals['_LISTJOBSREQUEST']._serialized_start=624
-  _globals['_LISTJOBSREQUEST']._serialized_end=641
-  _globals['_LISTJOBSRESPONSE']._serialized_start=643
-  _globals['_LISTJOBSRESPONSE']._serialized_end=695
-  _globals['_LAUNCHREQUEST']._serialized_start=697
-  _globals['_LAUNCHREQUEST']._serialized_end=797
-  _globals['_WORKERENDPOINT']._serialized_start=799
-  _globals['_WORKERENDPOINT']._serialized_end=865
-  _globals['_LAUNCHRESPONSE']._serialized_start=867
-  _globals['_LAUNCHRESPONSE']._serialized_end=960
-  _globals['_STARTWORKERREQUEST']._serialized_start=963
-  _globals['_STARTWORKERREQUEST']._serialized_end=1137
-  _globals['_STARTWORKERRESPONSE']._serialized_start=1139
-  _globals['_STARTWORKERRESPONSE']._serialized_end=1177
-  _globals['_CONNECTWORKERREQUEST']._serialized_start=1179
-  _globals['_CONNECTWORKERREQUEST']._serialized_end=1299
-  _globals['_WORKERACK']._serialized_start=1301
-  _globals['_WORKERACK']._serialized_end=1312
-  _globals['_JOBREPORT']._serialized_start=1314
-  _globals['_JOBREPORT']._serialized_end=1361
-  _globals['_JOBS']._serialized_start=1364
-  _globals['_JOBS']._serialized_end=1943
+  _globals['_JOBSTATUS']._serialized_end=551
+  _globals['_JOBEVENT']._serialized_start=553
+  _globals['_JOBEVENT']._serialized_end=636
+  _globals['_WATCHREQUEST']._serialized_start=638
+  _globals['_WATCHREQUEST']._serialized_end=668
+  _globals['_LISTJOBSREQUEST']._serialized_start=670
+  _globals['_LISTJOBSREQUEST']._serialized_end=687
+  _globals['_LISTJOBSRESPONSE']._serialized_start=689
+  _globals['_LISTJOBSRESPONSE']._serialized_end=741
+  _globals['_LAUNCHREQUEST']._serialized_start=744
+  _globals['_LAUNCHREQUEST']._serialized_end=877
+  _globals['_WORKERENDPOINT']._serialized_start=879
+  _globals['_WORKERENDPOINT']._serialized_end=945
+  _globals['_LAUNCHRESPONSE']._serialized_start=947
+  _globals['_LAUNCHRESPONSE']._serialized_end=1040
+  _globals['_STARTWORKERREQUEST']._serialized_start=1043
+  _globals['_STARTWORKERREQUEST']._serialized_end=1217
+  _globals['_STARTWORKERRESPONSE']._serialized_start=1219
+  _globals['_STARTWORKERRESPONSE']._serialized_end=1257
+  _globals['_CONNECTWORKERREQUEST']._serialized_start=1259
+  _globals['_CONNECTWORKERREQUEST']._serialized_end=1379
+  _globals['_WORKERACK']._serialized_start=1381
+  _globals['_WORKERACK']._serialized_end=1392
+  _globals['_JOBREPORT']._serialized_start=1394
+  _globals['_JOBREPORT']._serialized_end=1441
+  _globals['_LEAVEREQUEST']._serialized_start=1443
+  _globals['_LEAVEREQUEST']._serialized_end=1492
+  _globals['_DRAINREQUEST']._serialized_start=1494
+  _globals['_DRAINREQUEST']._serialized_end=1527
+  _globals['_DRAINRESPONSE']._serialized_start=1529
+  _globals['_DRAINRESPONSE']._serialized_end=1558
+  _globals['_JOBS']._serialized_start=1561
+  _globals['_JOBS']._serialized_end=2248
 # @@protoc_insertion_point(module_scope)

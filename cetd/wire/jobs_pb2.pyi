@@ -110,9 +110,11 @@ class JobStatus(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     TERM_FIELD_NUMBER: _builtins.int
     ENERGY_SOURCE_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    RECOVERIES_JSON_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: _builtins.str
-    """queued, describing, launching, running, succeeded, failed, cancelled"""
+    """queued, describing, launching, running, recovering, paused, succeeded, failed, cancelled"""
     reason: _builtins.str
     spec_json: _builtins.str
     plan_json: _builtins.str
@@ -128,6 +130,12 @@ class JobStatus(_message.Message):
     term: _builtins.int
     energy_source: _builtins.str
     """Energy model label: "model" (estimated) or "meter" (measured); empty before any step."""
+    recoveries_json: _builtins.str
+    """The recoveries so far, as JSON (cetd/daemon/job_store.py Recovery): what failed, when, how long."""
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Steps of the complete checkpoints kept, oldest first."""
+
     def __init__(
         self,
         *,
@@ -147,10 +155,12 @@ class JobStatus(_message.Message):
         finished_at: _builtins.float = ...,
         term: _builtins.int = ...,
         energy_source: _builtins.str = ...,
+        checkpoints: _abc.Iterable[_builtins.int] | None = ...,
+        recoveries_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "energy_source", b"energy_source", "finished_at", b"finished_at", "job_id", b"job_id", "joules_per_sample", b"joules_per_sample", "last_loss", b"last_loss", "output", b"output", "plan_json", b"plan_json", "reason", b"reason", "seconds_per_sample", b"seconds_per_sample", "spec_json", b"spec_json", "state", b"state", "steps_done", b"steps_done", "steps_total", b"steps_total", "submitter_id", b"submitter_id", "term", b"term"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "created_at", b"created_at", "energy_source", b"energy_source", "finished_at", b"finished_at", "job_id", b"job_id", "joules_per_sample", b"joules_per_sample", "last_loss", b"last_loss", "output", b"output", "plan_json", b"plan_json", "reason", b"reason", "recoveries_json", b"recoveries_json", "seconds_per_sample", b"seconds_per_sample", "spec_json", b"spec_json", "state", b"state", "steps_done", b"steps_done", "steps_total", b"steps_total", "submitter_id", b"submitter_id", "term", b"term"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -242,11 +252,19 @@ class LaunchRequest(_message.Message):
     SPEC_JSON_FIELD_NUMBER: _builtins.int
     DESCRIPTION_JSON_FIELD_NUMBER: _builtins.int
     DRIVER_ADDRESS_FIELD_NUMBER: _builtins.int
+    EXCLUDE_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     spec_json: _builtins.str
     description_json: _builtins.str
     driver_address: _builtins.str
     """The driver's tensor endpoint on the submitting device (rank 0)."""
+    resume: _builtins.bool
+    """A re-launch after a failure or a leave: plan on fewer devices than asked if that is all there is."""
+    @_builtins.property
+    def exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Devices not to plan on (failed in the last incarnation, or leaving)."""
+
     def __init__(
         self,
         *,
@@ -254,10 +272,12 @@ class LaunchRequest(_message.Message):
         spec_json: _builtins.str = ...,
         description_json: _builtins.str = ...,
         driver_address: _builtins.str = ...,
+        exclude: _abc.Iterable[_builtins.str] | None = ...,
+        resume: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description_json", b"description_json", "driver_address", b"driver_address", "job_id", b"job_id", "spec_json", b"spec_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description_json", b"description_json", "driver_address", b"driver_address", "exclude", b"exclude", "job_id", b"job_id", "resume", b"resume", "spec_json", b"spec_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -436,3 +456,66 @@ class JobReport(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobReport: _TypeAlias = JobReport  # noqa: Y015
+
+@_typing.final
+class LeaveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    device_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaveRequest: _TypeAlias = LeaveRequest  # noqa: Y015
+
+@_typing.final
+class DrainRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainRequest: _TypeAlias = DrainRequest  # noqa: Y015
+
+@_typing.final
+class DrainResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Jobs that were moved off the device."""
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainResponse: _TypeAlias = DrainResponse  # noqa: Y015

@@ -84,6 +84,16 @@ class JobsStub:
                 request_serializer=cetd_dot_wire_dot_jobs__pb2.JobReport.SerializeToString,
                 response_deserializer=cetd_dot_wire_dot_jobs__pb2.WorkerAck.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/cetd.v1.Jobs/Leave',
+                request_serializer=cetd_dot_wire_dot_jobs__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=cetd_dot_wire_dot_jobs__pb2.WorkerAck.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/cetd.v1.Jobs/Drain',
+                request_serializer=cetd_dot_wire_dot_jobs__pb2.DrainRequest.SerializeToString,
+                response_deserializer=cetd_dot_wire_dot_jobs__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
@@ -149,6 +159,20 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """To a job's submitter: move the job off a device at the next step boundary (checkpoint, re-plan).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """To any member (forwarded to the coordinator): keep a device out of plans and move its jobs off it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +225,16 @@ def add_JobsServicer_to_server(servicer, server):
                     servicer.Report,
                     request_deserializer=cetd_dot_wire_dot_jobs__pb2.JobReport.FromString,
                     response_serializer=cetd_dot_wire_dot_jobs__pb2.WorkerAck.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=cetd_dot_wire_dot_jobs__pb2.LeaveRequest.FromString,
+                    response_serializer=cetd_dot_wire_dot_jobs__pb2.WorkerAck.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=cetd_dot_wire_dot_jobs__pb2.DrainRequest.FromString,
+                    response_serializer=cetd_dot_wire_dot_jobs__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -473,6 +507,60 @@ class Jobs:
             '/cetd.v1.Jobs/Report',
             cetd_dot_wire_dot_jobs__pb2.JobReport.SerializeToString,
             cetd_dot_wire_dot_jobs__pb2.WorkerAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cetd.v1.Jobs/Leave',
+            cetd_dot_wire_dot_jobs__pb2.LeaveRequest.SerializeToString,
+            cetd_dot_wire_dot_jobs__pb2.WorkerAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cetd.v1.Jobs/Drain',
+            cetd_dot_wire_dot_jobs__pb2.DrainRequest.SerializeToString,
+            cetd_dot_wire_dot_jobs__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,10 @@ class JobsStub:
     ConnectWorker: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ConnectWorkerRequest, _jobs_pb2.WorkerAck]
     StopWorker: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.JobRequest, _jobs_pb2.WorkerAck]
     Report: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.JobReport, _jobs_pb2.WorkerAck]
+    Leave: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.LeaveRequest, _jobs_pb2.WorkerAck]
+    """To a job's submitter: move the job off a device at the next step boundary (checkpoint, re-plan)."""
+    Drain: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.DrainRequest, _jobs_pb2.DrainResponse]
+    """To any member (forwarded to the coordinator): keep a device out of plans and move its jobs off it."""
 
 @_typing.type_check_only
 class JobsAsyncStub(JobsStub):
@@ -61,6 +65,10 @@ class JobsAsyncStub(JobsStub):
     ConnectWorker: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ConnectWorkerRequest, _jobs_pb2.WorkerAck]  # type: ignore[assignment]
     StopWorker: _aio.UnaryUnaryMultiCallable[_jobs_pb2.JobRequest, _jobs_pb2.WorkerAck]  # type: ignore[assignment]
     Report: _aio.UnaryUnaryMultiCallable[_jobs_pb2.JobReport, _jobs_pb2.WorkerAck]  # type: ignore[assignment]
+    Leave: _aio.UnaryUnaryMultiCallable[_jobs_pb2.LeaveRequest, _jobs_pb2.WorkerAck]  # type: ignore[assignment]
+    """To a job's submitter: move the job off a device at the next step boundary (checkpoint, re-plan)."""
+    Drain: _aio.UnaryUnaryMultiCallable[_jobs_pb2.DrainRequest, _jobs_pb2.DrainResponse]  # type: ignore[assignment]
+    """To any member (forwarded to the coordinator): keep a device out of plans and move its jobs off it."""
 
 class JobsServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -132,5 +140,21 @@ class JobsServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.JobReport,
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.WorkerAck, _abc.Awaitable[_jobs_pb2.WorkerAck]]: ...
+
+    @_abc_1.abstractmethod
+    def Leave(
+        self,
+        request: _jobs_pb2.LeaveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.WorkerAck, _abc.Awaitable[_jobs_pb2.WorkerAck]]:
+        """To a job's submitter: move the job off a device at the next step boundary (checkpoint, re-plan)."""
+
+    @_abc_1.abstractmethod
+    def Drain(
+        self,
+        request: _jobs_pb2.DrainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.DrainResponse, _abc.Awaitable[_jobs_pb2.DrainResponse]]:
+        """To any member (forwarded to the coordinator): keep a device out of plans and move its jobs off it."""
 
 def add_JobsServicer_to_server(servicer: JobsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63\x65td/wire/tensor.proto\x12\x07\x63\x65td.v1\"b\n\nStreamOpen\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x13\n\x0bsender_rank\x18\x03 \x01(\r\x12\x15\n\rreceiver_rank\x18\x04 \x01(\r\"\xae\x01\n\x0cTensorHeader\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x04\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12(\n\rchecksum_kind\x18\x07 \x01(\x0e\x32\x11.cetd.v1.Checksum\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\r\"u\n\x0bTensorFrame\x12#\n\x04open\x18\x01 \x01(\x0b\x32\x13.cetd.v1.StreamOpenH\x00\x12\'\n\x06header\x18\x02 \x01(\x0b\x32\x15.cetd.v1.TensorHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"6\n\tStreamAck\x12\x18\n\x10tensors_received\x18\x01 \x01(\x04\x12\x0f\n\x07refusal\x18\x02 \x01(\t*1\n\x08\x43hecksum\x12\x11\n\rCHECKSUM_NONE\x10\x00\x12\x12\n\x0e\x43HECKSUM_CRC32\x10\x01\x32H\n\x0cTensorStream\x12\x38\n\x08\x45xchange\x12\x14.cetd.v1.TensorFrame\x1a\x12.cetd.v1.StreamAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63\x65td/wire/tensor.proto\x12\x07\x63\x65td.v1\"b\n\nStreamOpen\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x13\n\x0bsender_rank\x18\x03 \x01(\r\x12\x15\n\rreceiver_rank\x18\x04 \x01(\r\"\xc1\x01\n\x0cTensorHeader\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x04\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\x12(\n\rchecksum_kind\x18\x07 \x01(\x0e\x32\x11.cetd.v1.Checksum\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\r\x12\x11\n\tdefer_ack\x18\t \x01(\x08\"s\n\x0bTensorFrame\x12#\n\x04open\x18\x01 \x01(\x0b\x32\x13.cetd.v1.StreamOpenH\x00\x12\'\n\x06header\x18\x02 \x01(\x0b\x32\x15.cetd.v1.TensorHeaderH\x00\x12\r\n\x05\x63hunk\x18\x03 \x01(\x0c\x42\x07\n\x05\x66rame\"6\n\tStreamAck\x12\x18\n\x10tensors_received\x18\x01 \x01(\x04\x12\x0f\n\x07refusal\x18\x02 \x01(\t*1\n\x08\x43hecksum\x12\x11\n\rCHECKSUM_NONE\x10\x00\x12\x12\n\x0e\x43HECKSUM_CRC32\x10\x01\x32H\n\x0cTensorStream\x12\x38\n\x08\x45xchange\x12\x14.cetd.v1.TensorFrame\x1a\x12.cetd.v1.StreamAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cetd.wire.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHECKSUM']._serialized_start=487
-  _globals['_CHECKSUM']._serialized_end=536
+  _globals['_CHECKSUM']._serialized_start=504
+  _globals['_CHECKSUM']._serialized_end=553
   _globals['_STREAMOPEN']._serialized_start=35
   _globals['_STREAMOPEN']._serialized_end=133
   _globals['_TENSORHEADER']._serialized_start=136
-  _globals['_TENSORHEADER']._serialized_end=310
-  _globals['_TENSORFRAME']._serialized_start=312
-  _globals['_TENSORFRAME']._serialized_end=429
-  _globals['_STREAMACK']._serialized_start=431
-  _globals['_STREAMACK']._serialized_end=485
-  _globals['_TENSORSTREAM']._serialized_start=538
-  _globals['_TENSORSTREAM']._serialized_end=610
+  _globals['_TENSORHEADER']._serialized_end=329
+  _globals['_TENSORFRAME']._serialized_start=331
+  _globals['_TENSORFRAME']._serialized_end=446
+  _globals['_STREAMACK']._serialized_start=448
+  _globals['_STREAMACK']._serialized_end=502
+  _globals['_TENSORSTREAM']._serialized_start=555
+  _globals['_TENSORSTREAM']._serialized_end=627
 # @@protoc_insertion_point(module_scope)

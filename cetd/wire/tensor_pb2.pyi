@@ -5,16 +5,18 @@ Tensor exchange between the worker processes of one training job.
 
 One long-lived bidirectional stream per (sender, receiver) pair carries every tensor the sender has
 for the receiver. The sender opens it with a StreamOpen frame, then writes, for each tensor, one
-TensorHeader frame followed by chunk frames (raw bytes, about 1 MiB each) that add up to
-header.total_bytes. The receiver answers one StreamAck when it accepts the stream and one per
-complete tensor, so the sender learns what arrived. A receiver that refuses a frame answers a
-StreamAck with `refusal` set, discards what follows until the sender cancels, and ends the stream
-(a refusal of StreamOpen just ends it with a status whose details say why). Backpressure is HTTP/2 flow control: a receiver whose inbox is full stops reading,
-which stops the sender.
+frame with its TensorHeader and its first bytes, followed by chunk frames (raw bytes, 512 KiB each
+by default) until header.total_bytes have been sent; a tensor of at most one chunk is a single frame.
+The receiver answers one StreamAck when it accepts the stream and then acknowledges complete tensors
+by count: at once for a tensor whose header does not set defer_ack, otherwise together with a later
+one (or before it pauses the stream, or when the stream ends). A receiver that refuses a frame
+answers a StreamAck with `refusal` set, discards what follows until the sender cancels, and ends the
+stream (a refusal of StreamOpen just ends it with a status whose details say why). Backpressure is
+HTTP/2 flow control: a receiver whose inbox is full stops reading, which stops the sender.
 
 Served over mutual TLS against the household CA; the receiver authorizes the caller's certificate
-on every stream. Chunk frames are encoded and decoded without building messages (cetd/transport/
-tensor_codec.py) but are byte-for-byte what a protobuf encoder writes for TensorFrame{chunk}.
+on every stream. Frames that carry tensor bytes are encoded and decoded without building messages
+(cetd/transport/tensor_codec.py) but are byte-for-byte what a protobuf encoder writes.
 """
 
 from collections import abc as _abc
@@ -90,6 +92,7 @@ class TensorHeader(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     CHECKSUM_KIND_FIELD_NUMBER: _builtins.int
     CHECKSUM_FIELD_NUMBER: _builtins.int
+    DEFER_ACK_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """The runtime's TensorKey."""
     micro_batch: _builtins.int
@@ -100,6 +103,10 @@ class TensorHeader(_message.Message):
     """Must equal prod(shape) * itemsize; the receiver preallocates this many bytes."""
     checksum_kind: Global___Checksum.ValueType
     checksum: _builtins.int
+    defer_ack: _builtins.bool
+    """The sender has more tensors queued right behind this one: the receiver may acknowledge this tensor
+    together with a later one rather than at once.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -113,10 +120,11 @@ class TensorHeader(_message.Message):
         total_bytes: _builtins.int = ...,
         checksum_kind: Global___Checksum.ValueType = ...,
         checksum: _builtins.int = ...,
+        defer_ack: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "checksum_kind", b"checksum_kind", "dtype", b"dtype", "micro_batch", b"micro_batch", "name", b"name", "shape", b"shape", "step", b"step", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum", b"checksum", "checksum_kind", b"checksum_kind", "defer_ack", b"defer_ack", "dtype", b"dtype", "micro_batch", b"micro_batch", "name", b"name", "shape", b"shape", "step", b"step", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -130,6 +138,9 @@ class TensorFrame(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    """Bytes of the tensor announced by the latest header, continuing where the previous frame stopped.
+    Alone in a frame, or after the header in the frame that announces the tensor.
+    """
     @_builtins.property
     def open(self) -> Global___StreamOpen: ...
     @_builtins.property
@@ -141,11 +152,11 @@ class TensorFrame(_message.Message):
         header: Global___TensorHeader | None = ...,
         chunk: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "open", b"open"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "header", b"header", "open", b"open"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "open", b"open"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["open", "header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["open", "header"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
@@ -158,7 +169,7 @@ class StreamAck(_message.Message):
     TENSORS_RECEIVED_FIELD_NUMBER: _builtins.int
     REFUSAL_FIELD_NUMBER: _builtins.int
     tensors_received: _builtins.int
-    """Tensors this stream delivered so far; 0 in the answer to StreamOpen."""
+    """Tensors this stream delivered so far (cumulative); 0 in the answer to StreamOpen."""
     refusal: _builtins.str
     """Non-empty when the receiver refused the stream's latest frame: why. The sender cancels the stream."""
     def __init__(

@@ -5,16 +5,18 @@ Tensor exchange between the worker processes of one training job.
 
 One long-lived bidirectional stream per (sender, receiver) pair carries every tensor the sender has
 for the receiver. The sender opens it with a StreamOpen frame, then writes, for each tensor, one
-TensorHeader frame followed by chunk frames (raw bytes, about 1 MiB each) that add up to
-header.total_bytes. The receiver answers one StreamAck when it accepts the stream and one per
-complete tensor, so the sender learns what arrived. A receiver that refuses a frame answers a
-StreamAck with `refusal` set, discards what follows until the sender cancels, and ends the stream
-(a refusal of StreamOpen just ends it with a status whose details say why). Backpressure is HTTP/2 flow control: a receiver whose inbox is full stops reading,
-which stops the sender.
+frame with its TensorHeader and its first bytes, followed by chunk frames (raw bytes, 512 KiB each
+by default) until header.total_bytes have been sent; a tensor of at most one chunk is a single frame.
+The receiver answers one StreamAck when it accepts the stream and then acknowledges complete tensors
+by count: at once for a tensor whose header does not set defer_ack, otherwise together with a later
+one (or before it pauses the stream, or when the stream ends). A receiver that refuses a frame
+answers a StreamAck with `refusal` set, discards what follows until the sender cancels, and ends the
+stream (a refusal of StreamOpen just ends it with a status whose details say why). Backpressure is
+HTTP/2 flow control: a receiver whose inbox is full stops reading, which stops the sender.
 
 Served over mutual TLS against the household CA; the receiver authorizes the caller's certificate
-on every stream. Chunk frames are encoded and decoded without building messages (cetd/transport/
-tensor_codec.py) but are byte-for-byte what a protobuf encoder writes for TensorFrame{chunk}.
+on every stream. Frames that carry tensor bytes are encoded and decoded without building messages
+(cetd/transport/tensor_codec.py) but are byte-for-byte what a protobuf encoder writes.
 """
 
 from cetd.wire import tensor_pb2 as _tensor_pb2

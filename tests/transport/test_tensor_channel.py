@@ -295,3 +295,56 @@ def test_peer_that_closes_fails_pending_receives_at_once(household: list[TestDev
         assert time.monotonic() - started < 1
     finally:
         first.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("numel", [1, 249, 250, 251, 1000], ids=["tiny", "under", "exact", "over", "four"])
+def test_tensors_around_the_chunk_size_arrive_bit_exact(household: list[TestDevice], numel: int) -> None:
+    # 250 float32 = 1000 bytes = one chunk: up to it a tensor is one frame (header and bytes), past it more.
+    first, second = _pair(household, TensorChannelConfig(chunk_bytes=1000, timeout=timedelta(seconds=10)))
+    try:
+        tensor = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+        first.send(1, _key("act"), tensor).wait()
+        assert _bits(second.recv(0, _key("act"), _spec(tensor))) == _bits(tensor)
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.timeout(60)
+def test_burst_of_small_tensors_is_all_acknowledged_and_a_lone_one_at_once(pair: tuple[GrpcPeerChannel, ...]) -> None:
+    first, second = pair
+    tensors = [torch.full((16,), float(i)) for i in range(300)]
+    handles = [first.send(1, _key("act", 0, i), t) for i, t in enumerate(tensors)]
+    for handle in handles:
+        handle.wait()  # deferred acknowledgements still cover every tensor of the burst
+    assert [second.recv(0, _key("act", 0, i), _spec(t))[0].item() for i, t in enumerate(tensors)] == list(range(300))
+    started = time.monotonic()
+    first.send(1, _key("alone"), torch.ones(2)).wait(timeout=5)
+    assert time.monotonic() - started < 1  # nothing queued behind it: acknowledged without waiting for more
+
+
+@pytest.mark.timeout(60)
+def test_receives_from_several_threads(pair: tuple[GrpcPeerChannel, ...]) -> None:
+    first, second = pair
+    spec = TensorSpec(dtype=torch.int64, shape=(3,))
+    with ThreadPoolExecutor(4) as pool:
+        futures = {i: pool.submit(second.recv, 0, _key("act", 1, i), spec) for i in range(40)}
+        for i in reversed(range(40)):
+            first.send(1, _key("act", 1, i), torch.full((3,), i))
+        assert {i: int(future.result(timeout=20)[0]) for i, future in futures.items()} == {i: i for i in range(40)}
+
+
+@pytest.mark.timeout(60)
+def test_close_fails_a_waiting_receive(household: list[TestDevice]) -> None:
+    first, second = _pair(household)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(second.recv, 0, _key("never"), TensorSpec(dtype=torch.float32, shape=(1,)), 30)
+            time.sleep(0.3)
+            second.close()
+            with pytest.raises(TransportError, match="closed while waiting for never step 0 mb 0"):
+                waiting.result(timeout=10)
+    finally:
+        first.close()
+        second.close()

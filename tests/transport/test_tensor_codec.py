@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
 from cetd.transport.channel import TensorKey, TensorSpec, TransportError
 from cetd.transport.tensor_codec import (
     FrameError,
+    HeaderFrame,
     StreamOpening,
-    TensorAnnouncement,
     TensorAssembler,
     check_spec,
     decode_frame,
     encode_chunks,
     encode_header,
     encode_open,
+    encode_tensor,
     tensor_bytes,
     validate_header,
 )
@@ -33,10 +36,14 @@ def _bits(tensor: torch.Tensor) -> bytes:
 
 def _roundtrip(tensor: torch.Tensor, chunk_bytes: int, *, checksum: bool = False) -> torch.Tensor:
     data = tensor_bytes(tensor)
-    header = decode_frame(encode_header(KEY, tensor, data, checksum=checksum), max_tensor_bytes=64 * MIB)
-    assert isinstance(header, TensorAnnouncement)
-    assembler = TensorAssembler(header)
-    for frame in encode_chunks(data, chunk_bytes):
+    frames = list(encode_tensor(KEY, tensor, data, chunk_bytes=chunk_bytes, checksum=checksum, defer_ack=False))
+    assert len(frames) == max(1, -(-data.nbytes // chunk_bytes))  # the first chunk rides in the header frame
+    header = decode_frame(frames[0], max_tensor_bytes=64 * MIB)
+    assert isinstance(header, HeaderFrame)
+    assembler = TensorAssembler(header.announcement)
+    if header.first_chunk.nbytes:
+        assembler.add(header.first_chunk)
+    for frame in frames[1:]:
         payload = decode_frame(frame, max_tensor_bytes=64 * MIB)
         assert isinstance(payload, memoryview)
         assembler.add(payload)
@@ -74,6 +81,56 @@ def test_chunk_frames_are_what_protobuf_writes() -> None:
     assert [len(tensor_pb2.TensorFrame.FromString(f).chunk) for f in frames] == [100_000, 100_000, 56_000]
     assert frames[0] == tensor_pb2.TensorFrame(chunk=bytes(data[:100_000])).SerializeToString()
     assert b"".join(tensor_pb2.TensorFrame.FromString(f).chunk for f in frames) == bytes(data)
+
+
+@pytest.mark.timeout(30)
+def test_tensor_within_one_chunk_is_one_frame_that_protobuf_reads_alike() -> None:
+    tensor = torch.arange(300, dtype=torch.int16).reshape(3, 100)
+    data = tensor_bytes(tensor)
+    frames = list(encode_tensor(KEY, tensor, data, chunk_bytes=600, checksum=True, defer_ack=True))
+    assert len(frames) == 1
+    expected = tensor_pb2.TensorFrame(
+        header=tensor_pb2.TensorHeader(
+            step=3, micro_batch=0, name="act", dtype="int16", shape=[3, 100], total_bytes=600,
+            checksum_kind=tensor_pb2.CHECKSUM_CRC32, checksum=zlib.crc32(data), defer_ack=True,
+        ),
+        chunk=bytes(data),
+    )
+    assert frames[0] == expected.SerializeToString()
+    decoded = decode_frame(frames[0], max_tensor_bytes=MIB)
+    assert isinstance(decoded, HeaderFrame)
+    assert decoded.announcement.defer_ack
+    assert decoded.announcement.crc32 == zlib.crc32(data)
+    assert decoded.first_chunk.obj is frames[0]  # a view of the frame, not a copy
+    assert bytes(decoded.first_chunk) == bytes(data)
+    assembler = TensorAssembler(decoded.announcement)
+    assembler.add(decoded.first_chunk)
+    assert assembler.complete
+    assert torch.equal(assembler.tensor(), tensor)
+
+
+@pytest.mark.timeout(30)
+def test_header_frames_laid_out_otherwise_go_through_protobuf() -> None:
+    tensor = torch.arange(4, dtype=torch.uint8)
+    data = tensor_bytes(tensor)
+    alone = decode_frame(encode_header(KEY, tensor, data, checksum=False), max_tensor_bytes=MIB)
+    assert isinstance(alone, HeaderFrame)
+    assert (alone.first_chunk.nbytes, alone.announcement.total_bytes, alone.announcement.defer_ack) == (0, 4, False)
+    # The chunk field before the header: valid protobuf that the hand-split path does not take.
+    header = tensor_pb2.TensorFrame(header=tensor_pb2.TensorHeader(
+        step=3, name="act", dtype="uint8", shape=[4], total_bytes=4)).SerializeToString()
+    reordered = tensor_pb2.TensorFrame(chunk=b"\x00\x01").SerializeToString() + header
+    decoded = decode_frame(reordered, max_tensor_bytes=MIB)
+    assert isinstance(decoded, HeaderFrame)
+    assert bytes(decoded.first_chunk) == b"\x00\x01"
+    opening = StreamOpening(job_id="j", sender_rank=0, receiver_rank=1)  # type: ignore[arg-type]  # str for JobId
+    open_with_bytes = encode_open(opening) + tensor_pb2.TensorFrame(chunk=b"x").SerializeToString()
+    with pytest.raises(FrameError, match="StreamOpen carries tensor bytes"):
+        decode_frame(open_with_bytes, max_tensor_bytes=MIB)
+    with pytest.raises(FrameError, match="empty frame"):
+        decode_frame(b"", max_tensor_bytes=MIB)
+    with pytest.raises(FrameError, match="malformed frame"):
+        decode_frame(b"\x12\x05ab", max_tensor_bytes=MIB)
 
 
 @pytest.mark.timeout(30)
@@ -115,8 +172,8 @@ def test_assembler_refuses_overrun_and_bad_checksum() -> None:
     tensor = torch.arange(10, dtype=torch.int32)
     data = tensor_bytes(tensor)
     header = decode_frame(encode_header(KEY, tensor, data, checksum=True), max_tensor_bytes=MIB)
-    assert isinstance(header, TensorAnnouncement)
-    assembler = TensorAssembler(header)
+    assert isinstance(header, HeaderFrame)
+    assembler = TensorAssembler(header.announcement)
     assembler.add(memoryview(b"\x00" * 40))  # right size, wrong bytes
     with pytest.raises(FrameError, match="failed its CRC-32 check"):
         assembler.tensor()
