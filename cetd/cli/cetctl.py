@@ -141,6 +141,15 @@ async def cmd_revoke(client: PeerClient, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_drain(client: PeerClient, args: argparse.Namespace) -> int:
+    from cetd.transport.jobs_service import JobsClient
+
+    moved = await JobsClient(client.channel, client.address).drain(args.device_id)
+    _emit(args, {"device_id": args.device_id, "jobs_moved": moved},
+          lambda c: c.print(f"device {args.device_id} drained; jobs moved off it: {', '.join(moved) or 'none'}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cetctl", description="Control a cetd household.")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
@@ -159,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     approve = devices.add_parser("approve", help="admit a pending device")
     approve.add_argument("device_id")
     approve.set_defaults(handler=cmd_approve)
+    drain = devices.add_parser("drain", help="move running jobs off a device and keep it out of new plans")
+    drain.add_argument("device_id")
+    drain.set_defaults(handler=cmd_drain)
     revoke = devices.add_parser("revoke", help="revoke a member for good")
     revoke.add_argument("device_id")
     revoke.set_defaults(handler=cmd_revoke)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         steps=args.steps, global_batch=args.batch, micro_batches=args.micro_batches, seq_len=args.seq_len,
         lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, parallelism=args.parallelism,
         devices=args.devices, schedule=args.schedule, sync_every=args.sync_every, precision=args.precision,
+        checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,
+        keep_checkpoints=args.keep_checkpoints,
     )
 
 
@@ -46,7 +49,9 @@ def status_dict(status: JobStatus) -> dict[str, Any]:
     data["state"] = status.state.value
     data["spec"] = json.loads(status.spec_json) if status.spec_json else None
     data["plan"] = json.loads(status.plan_json) if status.plan_json else None
-    del data["spec_json"], data["plan_json"]
+    data["recoveries"] = json.loads(status.recoveries_json or "[]")
+    data["checkpoints"] = list(status.checkpoints)
+    del data["spec_json"], data["plan_json"], data["recoveries_json"]
     return data
 
 
@@ -127,10 +132,18 @@ async def cmd_status(client: PeerClient, args: argparse.Namespace) -> int:
     else:
         console = Console()
         for key, value in data.items():
-            if key not in ("spec", "plan"):
+            if key not in ("spec", "plan", "recoveries"):
                 console.print(f"[bold]{key}[/]: {value}")
         if data["plan"]:
             console.print(f"[bold]plan[/]: {data['plan']['reason']}")
+        if data["recoveries"]:
+            table = Table(title="recoveries")
+            for column in ("when", "what failed", "step", "resumed from", "redone", "recovered in"):
+                table.add_column(column)
+            for r in data["recoveries"]:
+                table.add_row(time.strftime("%H:%M:%S", time.localtime(r["at"])), r["cause"], str(r["failed_step"]),
+                              str(r["resumed_from"]), str(r["steps_redone"]), f"{r['recovered_s']:.1f} s")
+            console.print(table)
     return 0
 
 
@@ -160,6 +173,10 @@ def add_job_commands(sub: Any) -> None:
     train.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
     train.add_argument("--sync-every", type=int, default=1, help="data parallel: synchronise every k steps")
     train.add_argument("--precision", choices=["float32", "float64"], default="float32")
+    train.add_argument("--checkpoint-every", type=int, default=5,
+                       help="checkpoint every k steps (a failure costs at most the steps since the last one)")
+    train.add_argument("--checkpoint-seconds", type=float, default=0.0, help="also checkpoint every T seconds")
+    train.add_argument("--keep-checkpoints", type=int, default=3, help="complete checkpoints kept per job")
     train.set_defaults(handler=cmd_train)
     sub.add_parser("jobs", help="list jobs").set_defaults(handler=cmd_jobs)
     status = sub.add_parser("status", help="one job's state, plan and metrics")

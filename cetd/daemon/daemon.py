@@ -164,7 +164,8 @@ class Daemon:
         )
         host = advertise_host(config)
         async with contextlib.AsyncExitStack() as stack:
-            jobs = JobManager(node, self.state, host=host, worker_threads=config.training.worker_threads)
+            jobs = JobManager(node, self.state, host=host, worker_threads=config.training.worker_threads,
+                              checkpoint_dir=config.checkpoint_path)
             stack.push_async_callback(jobs.close)
             member = await stack.enter_async_context(MemberEndpoint(
                 node, node.material, host=config.daemon.listen_host, port=config.daemon.port,
@@ -190,6 +191,7 @@ class Daemon:
             DaemonRuntime(device_id=identity.device_id, address=f"{local}:{member.port}", port=member.port,
                           enroll_port=enroll_port, pid=os.getpid()).write(self.state.path)
             heartbeats = asyncio.get_running_loop().create_task(node.run(), name="heartbeats")
+            await jobs.resume_unfinished()
             logger.info("device %s (%s) serving on %s:%d%s", identity.device_id, identity.name, host, member.port,
                         f", enrollment on port {enroll_port}" if enroll_port else "")
             sd_notify("READY=1\nSTATUS=serving")
@@ -201,6 +203,9 @@ class Daemon:
                     heartbeats.result()  # surfaces a crash of the heartbeat loop
             finally:
                 sd_notify("STOPPING=1")
+                if self._stop.is_set():
+                    # A planned stop (SIGTERM): move our share of running jobs to other devices first.
+                    await jobs.leave_before_shutdown()
                 heartbeats.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await heartbeats

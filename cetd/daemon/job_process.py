@@ -81,6 +81,12 @@ class JobProcess:
             if event.get("event") == "failed":
                 raise JobError(str(event.get("reason", f"{self.name} failed")))
 
+    async def wait(self) -> int | None:
+        """Wait until the process has exited by itself; return its exit code."""
+        if self._process is None:
+            return None
+        return await self._process.wait()
+
     async def stop(self, grace: timedelta = timedelta(seconds=3)) -> int | None:
         """Ask politely (SIGTERM), then kill; return the exit code."""
         process = self._process

@@ -19,8 +19,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+from cetd.cluster.membership import PeerState
 from cetd.cluster.planner import DeviceOffer, plan_job
 from cetd.errors import CetdError, JobError, NotAuthorizedError, UnavailableError
 from cetd.identity import StateDir, tls_server_name
@@ -39,13 +41,13 @@ from cetd.transport.jobs_service import JobsClient
 
 from .household import HouseholdNode
 from .job_process import JobProcess
+from .job_store import JobStore, StoredJob
+from .job_supervisor import JobSupervisor
 
 logger = logging.getLogger(__name__)
 
 DESCRIBE_TIMEOUT = timedelta(minutes=10)
 WORKER_START_TIMEOUT = timedelta(minutes=5)
-GENERIC_WATTS_PER_DEVICE = 15.0
-"""Energy model until device power profiles are known: a small device at full load (labelled 'model')."""
 
 
 @dataclass
@@ -56,6 +58,7 @@ class JobRecord:
     watchers: list[asyncio.Queue[JobEvent]] = field(default_factory=list)
     driver: JobProcess | None = None
     task: asyncio.Task[None] | None = None
+    supervisor: JobSupervisor | None = None
     devices: int = 0
 
     def update(self, step: StepProgress | None = None, **changes: Any) -> None:
@@ -68,19 +71,47 @@ class JobRecord:
 class JobManager:
     """Implements `JobsHandler` for one daemon."""
 
-    def __init__(self, node: HouseholdNode, state: StateDir, *, host: str, worker_threads: int) -> None:
+    def __init__(self, node: HouseholdNode, state: StateDir, *, host: str, worker_threads: int,
+                 checkpoint_dir: Path) -> None:
         self._node = node
         self._state = state
         self._host = host
         self._threads = worker_threads
+        self._checkpoint_dir = checkpoint_dir
+        self.store = JobStore(state)
+        self._draining: set[str] = set()
         self._jobs: dict[str, JobRecord] = {}
         self._workers: dict[str, JobProcess] = {}
         self._worker_owner: dict[str, set[str]] = {}  # job → device IDs allowed to connect its worker
+        self._worker_submitter: dict[str, str] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
-    def _me(self) -> DeviceId:
+    def me(self) -> DeviceId:
         return self._node.identity.device_id
+
+    _me = me
+
+    def coordinator_id(self) -> DeviceId | None:
+        return self._node.election.coordinator_id
+
+    def peer_state(self, device_id: str) -> PeerState | None:
+        if device_id == self.me:
+            return PeerState.ALIVE
+        return self._node.table.state(DeviceId(device_id), time.monotonic())
+
+    def live_devices(self) -> set[str]:
+        return {o.device_id for o in self._offers()}
+
+    def spawn(self, coroutine: Any, name: str) -> asyncio.Task[Any]:
+        return self._spawn(coroutine, name)
+
+    def report_soon(self, record: JobRecord) -> None:
+        """Tell the coordinator about a job's progress, at most once a second."""
+        now = time.monotonic()
+        if now - getattr(record, "_reported", 0.0) > 1.0 or record.status.state.finished:
+            record._reported = now  # type: ignore[attr-defined]  # throttle stamp
+            self._spawn(self._report(record), "report")
 
     def _client(self, device_id: str) -> JobsClient:
         client = self._node.client_for(DeviceId(device_id))
@@ -100,89 +131,88 @@ class JobManager:
     async def submit(self, spec_json: str, caller: DeviceId) -> JobStatus:
         spec = from_json(JobSpec, spec_json)
         job_id = f"job-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        stored = StoredJob(job_id=job_id, spec_json=spec_json, state=JobState.DESCRIBING.value,
+                           created_at=time.time())
+        record = self._new_record(stored, spec)
+        description = await self._describe(record, stored)
+        record.task = self._spawn(self._supervise(record, stored, description), f"job-{job_id}")
+        return record.status
+
+    def _new_record(self, stored: StoredJob, spec: JobSpec) -> JobRecord:
         record = JobRecord(status=JobStatus(
-            job_id=job_id, state=JobState.DESCRIBING, spec_json=spec_json, submitter_id=self._me,
-            steps_total=spec.steps, output=spec.output, created_at=time.time(),
+            job_id=stored.job_id, state=JobState(stored.state), spec_json=stored.spec_json, submitter_id=self.me,
+            steps_total=spec.steps, steps_done=stored.steps_done, output=spec.output, created_at=stored.created_at,
+            checkpoints=tuple(c.step for c in stored.checkpoints),
         ))
-        self._jobs[job_id] = record
-        driver = JobProcess(name="the driver", log_path=self._log_path(job_id, "driver"))
+        self._jobs[stored.job_id] = record
+        return record
+
+    async def _describe(self, record: JobRecord, stored: StoredJob) -> str:
+        """Start the driver and let it check model and data; refuse the job with its reason."""
+        self.store.save(stored)
+        driver = JobProcess(name="the driver", log_path=self._log_path(stored.job_id, "driver"))
         record.driver = driver
-        await driver.start({"role": "driver", "job_id": job_id, "spec": json.loads(spec_json),
-                            "state_dir": str(self._state.path), "host": self._host, "threads": self._threads})
+        await driver.start({"role": "driver", "job_id": stored.job_id, "spec": json.loads(stored.spec_json),
+                            "state_dir": str(self._state.path), "host": self._host, "threads": self._threads,
+                            "checkpoint_dir": str(self._checkpoint_dir), "device_id": self.me})
         try:
             described = await driver.expect("described", DESCRIBE_TIMEOUT)
         except CetdError as error:
             await driver.stop()
-            self._finish(record, JobState.FAILED, str(error))
-            raise JobError(f"job {job_id} refused: {error}") from None
-        description = json.dumps(described["description"])
-        logger.info("job %s described; asking the coordinator to launch it", job_id)
+            self.finish(record, JobState.FAILED, str(error))
+            stored.state, stored.reason = JobState.FAILED.value, str(error)
+            self.store.save(stored)
+            raise JobError(f"job {stored.job_id} refused: {error}") from None
+        logger.info("job %s described; asking the coordinator to launch it", stored.job_id)
         record.update(state=JobState.LAUNCHING)
-        record.task = self._spawn(self._drive(record, spec, description), f"drive-{job_id}")
-        return record.status
+        return json.dumps(described["description"])
 
-    async def _drive(self, record: JobRecord, spec: JobSpec, description: str) -> None:
-        job_id = record.status.job_id
+    async def _supervise(self, record: JobRecord, stored: StoredJob, description: str) -> None:
         driver = record.driver
         assert driver is not None
+        supervisor = JobSupervisor(self, record, stored, driver, description)
+        record.supervisor = supervisor
         try:
-            launch = await self._launch_via_coordinator(job_id, record.status.spec_json, description)
-            plan = from_json(JobPlan, launch.plan_json)
-            record.devices = len(plan.workers)
-            record.update(plan_json=launch.plan_json, term=launch.term)
-            await driver.send({"plan": json.loads(launch.plan_json)})
-            ready = await driver.expect("ready", WORKER_START_TIMEOUT)
-            endpoints = (WorkerEndpoint(rank=0, device_id=self._me, address=ready["address"]), *launch.endpoints)
-            coordinator = self._node.election.coordinator_id or ""
-            await asyncio.gather(*(
-                self._connect(e.device_id, launch.term, coordinator, job_id, endpoints) for e in launch.endpoints
-            ))
-            await driver.send({"peers": _peer_map(endpoints, exclude=0)})
-            record.update(state=JobState.RUNNING)
-            logger.info("job %s running: %s", job_id, plan.reason)
-            await self._follow_driver(record, spec)
+            await supervisor.run()
         except CetdError as error:
-            self._finish(record, JobState.FAILED, str(error))
+            self.finish(record, JobState.FAILED, str(error))
         except asyncio.CancelledError:
-            self._finish(record, JobState.CANCELLED, "cancelled")
+            self.finish(record, JobState.CANCELLED, "cancelled")
             raise
         finally:
+            stored.state, stored.reason = record.status.state.value, record.status.reason
+            stored.finished_at = record.status.finished_at
+            if record.status.state.finished:
+                self.store.save(stored)
             await driver.stop()
-            await self._stop_workers(record)
+            if record.status.plan_json:
+                await self.stop_workers(from_json(JobPlan, record.status.plan_json))
             await self._report(record)
 
-    async def _follow_driver(self, record: JobRecord, spec: JobSpec) -> None:
-        driver = record.driver
-        assert driver is not None
-        total_seconds = 0.0
-        total_samples = 0
-        last_report = 0.0
-        while True:
-            event = await driver.next_event()
-            kind = event.get("event")
-            if kind == "step":
-                total_seconds += float(event["seconds"])
-                total_samples += int(event["samples"])
-                step = StepProgress(step=int(event["step"]), loss=float(event["loss"]),
-                                    seconds=float(event["seconds"]), samples=int(event["samples"]))
-                per_sample = total_seconds / max(total_samples, 1)
-                record.update(step=step, steps_done=step.step, last_loss=step.loss, seconds_per_sample=per_sample,
-                              joules_per_sample=per_sample * GENERIC_WATTS_PER_DEVICE * (record.devices + 1),
-                              energy_source=f"model: {GENERIC_WATTS_PER_DEVICE:g} W per device")
-                if time.monotonic() - last_report > 1.0:
-                    last_report = time.monotonic()
-                    self._spawn(self._report(record), "report")
-            elif kind == "done":
-                self._finish(record, JobState.SUCCEEDED, "", output=str(event.get("output", "")))
-                return
-            elif kind == "failed":
-                raise JobError(str(event.get("reason")))
+    async def resume_unfinished(self) -> None:
+        """After a restart (power cut, upgrade): resume every job this device submitted and did not finish."""
+        for stored in self.store.load_all():
+            if JobState(stored.state).finished or stored.job_id in self._jobs:
+                continue
+            logger.info("resuming job %s after a restart (newest checkpoint: step %s)", stored.job_id,
+                        stored.checkpoints[-1].step if stored.checkpoints else "none")
+            record = self._new_record(stored, from_json(JobSpec, stored.spec_json))
+            record.task = self._spawn(self._resume(record, stored), f"job-{stored.job_id}")
 
-    async def _launch_via_coordinator(self, job_id: str, spec_json: str, description: str) -> LaunchResult:
+    async def _resume(self, record: JobRecord, stored: StoredJob) -> None:
+        try:
+            description = await self._describe(record, stored)
+        except CetdError:
+            return
+        await self._supervise(record, stored, description)
+
+    async def launch_via_coordinator(self, job_id: str, spec_json: str, description: str,
+                                     exclude: set[str], resume: bool) -> LaunchResult:
         coordinator = await self._wait_for_coordinator()
-        if coordinator == self._me:
-            return await self.launch(job_id, spec_json, description, "", self._me)
-        return await self._client(coordinator).launch(job_id, spec_json, description, "")
+        excluded = tuple(sorted(exclude))
+        if coordinator == self.me:
+            return await self.launch(job_id, spec_json, description, excluded, resume, self.me)
+        return await self._client(coordinator).launch(job_id, spec_json, description, excluded, resume)
 
     async def _wait_for_coordinator(self, timeout: timedelta = timedelta(seconds=15)) -> DeviceId:
         deadline = time.monotonic() + timeout.total_seconds()
@@ -193,26 +223,26 @@ class JobManager:
             await asyncio.sleep(0.2)
         raise UnavailableError("the household has no coordinator right now")
 
-    async def _connect(self, device_id: str, term: int, coordinator: str, job_id: str,
+    async def connect(self, device_id: str, term: int, coordinator: str, job_id: str,
                        endpoints: tuple[WorkerEndpoint, ...]) -> None:
         if device_id == self._me:
             await self.connect_worker(term, coordinator, job_id, endpoints, self._me)
         else:
             await self._client(device_id).connect_worker(term, coordinator, job_id, endpoints)
 
-    async def _stop_workers(self, record: JobRecord) -> None:
-        if not record.status.plan_json:
-            return
-        plan = from_json(JobPlan, record.status.plan_json)
+    async def stop_workers(self, plan: JobPlan, job_id: str | None = None) -> None:
+        """Stop the workers of one incarnation (best effort: a dead device's worker is gone anyway)."""
+        job = job_id or next((j for j, r in self._jobs.items() if r.status.plan_json and
+                              from_json(JobPlan, r.status.plan_json) == plan), "")
 
         async def stop(device_id: str) -> None:
             try:
-                if device_id == self._me:
-                    await self.stop_worker(record.status.job_id, self._me)
-                else:
-                    await self._client(device_id).stop_worker(record.status.job_id)
+                if device_id == self.me:
+                    await self.stop_worker(job, self.me)
+                elif self.peer_state(device_id) is not PeerState.DEAD:
+                    await self._client(device_id).stop_worker(job, timeout=timedelta(seconds=5))
             except CetdError as error:
-                logger.warning("could not stop the worker of %s on %s: %s", record.status.job_id, device_id, error)
+                logger.warning("could not stop the worker of %s on %s: %s", job, device_id, error)
 
         await asyncio.gather(*(stop(w.device_id) for w in plan.workers))
 
@@ -223,7 +253,7 @@ class JobManager:
         with contextlib.suppress(CetdError):
             await self._client(coordinator).report(record.status)
 
-    def _finish(self, record: JobRecord, state: JobState, reason: str, **changes: Any) -> None:
+    def finish(self, record: JobRecord, state: JobState, reason: str, **changes: Any) -> None:
         if record.status.state.finished:
             return
         if state is JobState.FAILED:
@@ -234,14 +264,18 @@ class JobManager:
 
     # -- coordinator ----------------------------------------------------------------------------------
 
-    async def launch(self, job_id: str, spec_json: str, description_json: str, driver_address: str,
-                     caller: DeviceId) -> LaunchResult:
+    async def launch(self, job_id: str, spec_json: str, description_json: str, exclude: tuple[str, ...],
+                     resume: bool, caller: DeviceId) -> LaunchResult:
         if self._node.election.coordinator_id != self._me:
             raise UnavailableError("this device is not the coordinator; ask the current one")
         term = self._node.election.term
         spec = from_json(JobSpec, spec_json)
         description = from_json(ModelDescription, description_json)
-        plan = plan_job(spec, description, self._offers())
+        offers = [o for o in self._offers() if o.device_id not in exclude and o.device_id not in self._draining]
+        if resume and spec.devices > len(offers) >= 1:
+            # After a failure the job goes on with what is left rather than waiting for the lost device.
+            spec = replace(spec, devices=len(offers))
+        plan = plan_job(spec, description, offers)
         plan_json = to_json(plan)
         logger.info("job %s planned (term %d): %s", job_id, term, plan.reason)
         self._jobs.setdefault(job_id, JobRecord(status=JobStatus(
@@ -304,10 +338,12 @@ class JobManager:
         process = JobProcess(name=f"worker rank {launch.rank}", log_path=self._log_path(key, f"worker-{launch.rank}"))
         self._workers[key] = process
         self._worker_owner[key] = {launch.coordinator_id, launch.submitter_id}
+        self._worker_submitter[key] = launch.submitter_id
         await process.start({
             "role": "worker", "job_id": launch.job_id, "rank": launch.rank, "spec": json.loads(launch.spec_json),
             "plan": json.loads(launch.plan_json), "description": json.loads(launch.description_json),
             "state_dir": str(self._state.path), "host": self._host, "threads": self._threads,
+            "checkpoint_dir": str(self._checkpoint_dir), "device_id": self.me,
         })
         try:
             ready = await process.expect("ready", WORKER_START_TIMEOUT)
@@ -343,6 +379,55 @@ class JobManager:
         process = self._workers.pop(job_id, None)
         if process is not None:
             await process.stop()
+
+    # -- leaving devices -----------------------------------------------------------------------------
+
+    async def leave(self, job_id: str, device_id: str, caller: DeviceId) -> None:
+        """Submitter: move ``job_id`` off ``device_id`` (asked by that device, or by the coordinator)."""
+        if caller not in (device_id, self.coordinator_id(), self.me):
+            raise NotAuthorizedError(f"device {caller} may not move job {job_id} off device {device_id}")
+        record = self._jobs.get(job_id)
+        if record is None or record.supervisor is None:
+            raise JobError(f"job {job_id} is not supervised by this device")
+        await record.supervisor.leave(device_id)
+
+    async def drain(self, device_id: str, caller: DeviceId) -> list[str]:
+        """Keep ``device_id`` out of every plan and move the jobs running on it elsewhere."""
+        coordinator = self.coordinator_id()
+        if coordinator is not None and coordinator != self.me:
+            return await self._client(coordinator).drain(device_id)
+        self._draining.add(device_id)
+        moved = []
+        for record in list(self._jobs.values()):
+            plan_json = record.status.plan_json
+            if record.status.state.finished or not plan_json:
+                continue
+            if device_id not in {w.device_id for w in from_json(JobPlan, plan_json).workers}:
+                continue
+            submitter = record.status.submitter_id
+            with contextlib.suppress(CetdError):
+                if submitter == self.me:
+                    await self.leave(record.status.job_id, device_id, self.me)
+                else:
+                    await self._client(submitter).leave(record.status.job_id, device_id)
+                moved.append(record.status.job_id)
+        logger.info("device %s drained; jobs moved: %s", device_id, ", ".join(moved) or "none")
+        return moved
+
+    async def leave_before_shutdown(self, timeout: timedelta = timedelta(seconds=100)) -> None:
+        """systemd stop: ask the submitters to move our workers' jobs elsewhere, wait until they did."""
+        for job_id in list(self._workers):
+            submitter = self._worker_submitter.get(job_id, "")
+            with contextlib.suppress(CetdError):
+                if submitter == self.me:
+                    await self.leave(job_id, self.me, self.me)
+                elif submitter:
+                    await self._client(submitter).leave(job_id, self.me)
+        waits = [asyncio.ensure_future(p.wait()) for p in self._workers.values()]
+        if waits:
+            _, still_running = await asyncio.wait(waits, timeout=timeout.total_seconds())
+            for task in still_running:
+                task.cancel()
 
     # -- queries --------------------------------------------------------------------------------------
 
@@ -393,7 +478,7 @@ class JobManager:
                 record.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await record.task
-            self._finish(record, JobState.CANCELLED, "cancelled by the user")
+            self.finish(record, JobState.CANCELLED, "cancelled by the user")
             return record.status
         status = await self.get(job_id)
         if status.state.finished:

@@ -3,13 +3,18 @@
 The daemon talks to it over stdin/stdout, one JSON object per line:
 
     daemon → process   {"role": "driver"|"worker", "job_id", "spec", "rank", "plan"?, "description"?,
-                        "state_dir", "host", "threads"}
+                        "state_dir", "host", "threads", "checkpoint_dir", "device_id"}
     process → daemon   {"event": "described", "description": {...}}            (driver only)
-    daemon → process   {"plan": {...}}                                          (driver only)
+    daemon → process   {"plan": {...}, "term": t, "resume": bool}               (driver, once per incarnation)
     process → daemon   {"event": "ready", "address": "host:port"}
     daemon → process   {"peers": {"1": ["host:port", "tls-name"], ...}}
-    process → daemon   {"event": "step", "step", "loss", "seconds", "samples"}   (driver only)
+    process → daemon   {"event": "step", ...} | {"event": "checkpoint", "step", "manifest"}   (driver)
+    process → daemon   {"event": "lost", "reason", "failed_rank", "last_step", "checkpoint_step"} (driver:
+                        a worker failed or a migration was asked; the daemon sends the next plan)
+    process → daemon   {"event": "paused", "reason"}   (driver: a checkpoint could not be written)
     process → daemon   {"event": "done", ...} | {"event": "failed", "reason": "one line"}
+    daemon → process   {"abort": "reason"} (a peer is dead: end the step now) | {"migrate": true}
+                        (checkpoint at the next step boundary and stop, e.g. a device drains)
 
 This process is the composition root for torch work: it owns the tensor channel (mutual TLS with the
 device's identity; peers are checked against the roster) and runs the runtime's driver or worker.
@@ -17,10 +22,15 @@ device's identity; peers are checked against the roster) and runs the runtime's 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import queue
+import signal
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 from cetd.errors import CetdError
@@ -38,12 +48,44 @@ def emit(event: str, **fields: Any) -> None:
     sys.stdout.flush()
 
 
-def read_message() -> dict[str, Any]:
-    line = sys.stdin.readline()
-    if not line:
-        raise SystemExit(0)  # the daemon went away: stop quietly
-    message: dict[str, Any] = json.loads(line)
-    return message
+class DaemonLink:
+    """Messages from the daemon on stdin, read by one thread for the life of the process.
+
+    Control messages (``abort``, ``migrate``) act at once — ``abort`` closes the tensor channel so that a
+    step blocked on a dead peer ends now — everything else is queued for the main thread.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._channel: Any = None
+        self.migrate_requested = threading.Event()
+        self.abort_reason = ""
+        threading.Thread(target=self._read, name="daemon-link", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in sys.stdin:
+            message: dict[str, Any] = json.loads(line)
+            if "abort" in message:
+                self.abort_reason = str(message["abort"])
+                channel = self._channel
+                if channel is not None:
+                    threading.Thread(target=channel.close, name="abort", daemon=True).start()
+            elif "migrate" in message:
+                self.migrate_requested.set()
+            else:
+                self._queue.put(message)
+        self._queue.put(None)
+
+    def next(self) -> dict[str, Any]:
+        message = self._queue.get()
+        if message is None:
+            raise SystemExit(0)  # the daemon went away: stop quietly
+        return message
+
+    def attach(self, channel: Any) -> None:
+        self._channel = channel
+        self.abort_reason = ""
+        self.migrate_requested.clear()
 
 
 def _channel(launch: dict[str, Any], rank: int, world_size: int) -> Any:
@@ -66,26 +108,72 @@ def _peers(message: dict[str, Any], own_rank: int) -> dict[int, tuple[str, str]]
             if int(rank) != own_rank}
 
 
-def run_driver(launch: dict[str, Any]) -> None:
-    from cetd.runtime.driver import Driver
+def _newest_intact_state(checkpoint_dir: Path, job_id: str) -> Any:
+    """The state of the newest complete checkpoint whose shards all pass their checksums, or None.
+
+    A corrupt or missing shard never goes unnoticed: that checkpoint is skipped (logged) and the one
+    before it is used, which costs at most one more checkpoint interval of work.
+    """
+    from cetd.runtime.checkpoint import CheckpointError, complete_checkpoints, load_full_state, newest_first, verify
+
+    for manifest in newest_first(complete_checkpoints(checkpoint_dir, job_id)):
+        bad = verify(manifest, checkpoint_dir)
+        if bad:
+            logger.error("checkpoint at step %d failed its checksum check (%s); trying an older one",
+                         manifest.step, ", ".join(bad))
+            continue
+        try:
+            return load_full_state(manifest, checkpoint_dir)
+        except CheckpointError as error:
+            logger.error("checkpoint at step %d unusable: %s; trying an older one", manifest.step, error)
+    return None
+
+
+def run_driver(launch: dict[str, Any], link: DaemonLink) -> None:
+    """Describe the job, then run one incarnation per plan the daemon sends until the job ends."""
+    from cetd.runtime.checkpoint import CheckpointError
+    from cetd.runtime.driver import Driver, WorkerLost
 
     spec = from_json(JobSpec, json.dumps(launch["spec"]))
+    job_id = launch["job_id"]
+    checkpoint_dir = Path(launch["checkpoint_dir"])
     driver = Driver(spec)
     description = driver.describe()
     emit("described", description=json.loads(to_json(description)))
-    plan = from_json(JobPlan, json.dumps(read_message()["plan"]))
-    with _channel(launch, 0, plan.world_size) as channel:
-        emit("ready", address=channel.address)
-        channel.connect(_peers(read_message(), 0))
+    while True:
+        order = link.next()
+        if order.get("stop"):
+            return
+        plan = from_json(JobPlan, json.dumps(order["plan"]))
+        resume = _newest_intact_state(checkpoint_dir, job_id) if order.get("resume") else None
+        with _channel(launch, 0, plan.world_size) as channel:
+            link.attach(channel)
+            emit("ready", address=channel.address, resume_step=resume.step if resume is not None else 0)
+            channel.connect(_peers(link.next(), 0))
 
-        def on_step(report: StepReport) -> None:
-            emit("step", step=report.step, loss=report.loss, seconds=report.seconds, samples=report.samples)
+            def on_step(report: StepReport) -> None:
+                emit("step", step=report.step, loss=report.loss, seconds=report.seconds, samples=report.samples)
 
-        result = driver.run(plan, channel, on_step)
-    emit("done", seconds=result.seconds, samples=result.samples, output=result.output)
+            def on_checkpoint(manifest: Any) -> None:
+                emit("checkpoint", step=manifest.step, manifest=str(manifest.path))
+
+            try:
+                result = driver.run(plan, channel, on_step, resume=resume, term=int(order.get("term", 0)), job_id=job_id,
+                                    checkpoint_dir=checkpoint_dir, on_checkpoint=on_checkpoint,
+                                    stop_requested=link.migrate_requested.is_set)
+            except WorkerLost as lost:
+                emit("lost", reason=link.abort_reason or str(lost), failed_rank=lost.failed_rank,
+                     last_step=lost.last_step, checkpoint_step=lost.checkpoint_step,
+                     migrated=link.migrate_requested.is_set())
+                continue
+            except CheckpointError as error:
+                emit("paused", reason=str(error))
+                continue
+        emit("done", seconds=result.seconds, samples=result.samples, output=result.output)
+        return
 
 
-def run_worker_process(launch: dict[str, Any]) -> None:
+def run_worker_process(launch: dict[str, Any], link: DaemonLink) -> None:
     from cetd.runtime.worker import run_worker
 
     spec = from_json(JobSpec, json.dumps(launch["spec"]))
@@ -93,25 +181,39 @@ def run_worker_process(launch: dict[str, Any]) -> None:
     description = from_json(ModelDescription, json.dumps(launch["description"]))
     rank = int(launch["rank"])
     with _channel(launch, rank, plan.world_size) as channel:
+        link.attach(channel)
         emit("ready", address=channel.address)
-        channel.connect(_peers(read_message(), rank))
-        run_worker(spec, plan, rank, description, channel)
+        channel.connect(_peers(link.next(), rank))
+        run_worker(spec, plan, rank, description, channel, checkpoint_dir=Path(launch["checkpoint_dir"]),
+                   device_id=launch["device_id"])
     emit("done")
+
+
+def _die_with_the_daemon() -> None:
+    """A job process must not outlive its daemon (kill -9 of the daemon included): Linux PDEATHSIG."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() == 1:  # the daemon died before prctl took effect
+            os._exit(1)
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s [worker] %(name)s: %(message)s")
-    launch = read_message()
+    _die_with_the_daemon()
+    link = DaemonLink()
+    launch = link.next()
     threads = int(launch.get("threads") or 0) or (os.cpu_count() or 1)
     import torch
 
     torch.set_num_threads(threads)
     try:
         if launch["role"] == "driver":
-            run_driver(launch)
+            run_driver(launch, link)
         else:
-            run_worker_process(launch)
+            run_worker_process(launch, link)
     except (CetdError, TransportError) as error:
         emit("failed", reason=str(error))
         return getattr(error, "exit_code", 1)

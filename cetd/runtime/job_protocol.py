@@ -7,9 +7,12 @@ their names, dtypes and shapes before receiving them). Every tensor name the job
 here, so a typo cannot make one side wait for a tensor the other never sends.
 
 The conversation, per job: the driver sends each worker its share's parameters and buffers; then per
-step ``s`` (1-based) a control tensor (continue / stop / finish), the micro-batch tensors the worker's
-share reads, and gets back the step's loss from the one worker that computes it; after the last step
-a *finish* control makes every worker send its final parameters back.
+a *start* record (the step training goes on from, the coordinator's term, the job ID) and, when resuming
+from a checkpoint, the share's AdamW state; then per step ``s`` (1-based) a control tensor (continue /
+checkpoint / stop / finish), the micro-batch tensors the worker's share reads, and gets back the step's
+loss from the one worker that computes it; after a *checkpoint* step every worker also sends its shard
+(a header with its size, then the safetensors bytes); after the last step a *finish* control makes every
+worker send its final parameters back.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from cetd.runtime.tensor_parallel import AllReduce, ShardSpec, make_tensor_paral
 from cetd.transport.channel import TensorKey, TensorSpec
 
 __all__ = [
+    "CHECKPOINT_HEADER_SPEC",
     "CONTROL_SPEC",
     "LOSS_SPEC",
+    "START_SPEC",
     "Control",
     "Share",
     "batch_key",
@@ -38,12 +43,17 @@ __all__ = [
     "buffer_key",
     "build_share",
     "check_plan",
+    "checkpoint_header_key",
+    "checkpoint_shard_key",
     "control_key",
     "final_parameter_key",
+    "job_id_key",
     "loss_key",
     "loss_rank",
     "micro_batch_size",
+    "optimizer_key",
     "parameter_key",
+    "start_key",
     "tensor_parallel_key",
     "worker_ranks",
 ]
@@ -54,6 +64,10 @@ _SETUP_STEP = -1
 CONTROL_SPEC = TensorSpec(dtype=torch.int64, shape=(1,))
 LOSS_SPEC = TensorSpec(dtype=torch.float64, shape=())
 """The step loss: the sum over micro-batches of float64(loss / M), as the reference trainer reports it."""
+START_SPEC = TensorSpec(dtype=torch.int64, shape=(3,))
+"""(steps already done, coordinator term, bytes of the job ID that follows)."""
+CHECKPOINT_HEADER_SPEC = TensorSpec(dtype=torch.int64, shape=(2,))
+"""(bytes of the shard that follows, 1 if the worker kept its own replica of it else 0)."""
 
 
 class Control(enum.IntEnum):
@@ -65,6 +79,8 @@ class Control(enum.IntEnum):
     """Run step ``s``: its micro-batches follow."""
     FINISH = 2
     """Training is done: send the final parameters, then end."""
+    CHECKPOINT = 3
+    """Run step ``s`` like CONTINUE, then write this share's checkpoint shard and send it to the driver."""
 
 
 def parameter_key(full_name: str) -> TensorKey:
@@ -75,6 +91,31 @@ def parameter_key(full_name: str) -> TensorKey:
 def buffer_key(path: str) -> TensorKey:
     """A share's buffer (position ids and the like), driver → worker, by its full module path."""
     return TensorKey(step=_SETUP_STEP, micro_batch=-1, name=f"job/buffer/{path}")
+
+
+def start_key() -> TensorKey:
+    """The `START_SPEC` record, driver → worker, after the share's weights."""
+    return TensorKey(step=_SETUP_STEP, micro_batch=-1, name="job/start")
+
+
+def job_id_key() -> TensorKey:
+    """The job ID as UTF-8 bytes (uint8), driver → worker, after the start record when not empty."""
+    return TensorKey(step=_SETUP_STEP, micro_batch=-1, name="job/id")
+
+
+def optimizer_key(full_name: str, kind: str) -> TensorKey:
+    """A resumed share's AdamW state (``exp_avg``, ``exp_avg_sq`` or ``step``), driver → worker."""
+    return TensorKey(step=_SETUP_STEP, micro_batch=-1, name=f"job/optim/{kind}/{full_name}")
+
+
+def checkpoint_header_key(step: int) -> TensorKey:
+    """A worker's `CHECKPOINT_HEADER_SPEC` for its shard of the checkpoint after ``step``."""
+    return TensorKey(step=step, micro_batch=-1, name="job/ckpt/header")
+
+
+def checkpoint_shard_key(step: int) -> TensorKey:
+    """A worker's shard bytes (uint8) of the checkpoint after ``step``."""
+    return TensorKey(step=step, micro_batch=-1, name="job/ckpt/shard")
 
 
 def final_parameter_key(full_name: str) -> TensorKey:

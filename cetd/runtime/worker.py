@@ -6,18 +6,24 @@ then materializes that share from the parameters and buffers the driver sends; s
 pipeline stage or tensor-parallel shard and nothing else. Each step it waits for the driver's control
 tensor, receives the micro-batch fields its share reads, runs the mode's runner (pipeline schedule,
 tensor-parallel or data-parallel replica), and the one worker that computes the loss sends it back.
+A resumed job's driver also sends the share's AdamW state, and the worker goes on from the checkpoint's
+step; after each *checkpoint* step the worker serializes its share (`encode_shard`), keeps that replica
+in its own checkpoint directory and sends the same bytes to the driver.
 A step whose loss is not finite is refused by the runners on every worker (parameters untouched); the
 workers then wait for the driver's *stop* and end cleanly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -25,10 +31,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from cetd.errors import JobError
+from cetd.runtime.checkpoint import checkpoint_folder, disk_error, prune_replicas, shard_file_name, write_file_atomic
+from cetd.runtime.checkpoint_state import OptimizerSlot, ShardMeta, encode_shard, load_optimizer_state
 from cetd.runtime.collectives import all_reduce_
 from cetd.runtime.data_parallel import DataParallelRunner
 from cetd.runtime.job_protocol import (
     CONTROL_SPEC,
+    START_SPEC,
     Control,
     Share,
     batch_key,
@@ -36,19 +45,24 @@ from cetd.runtime.job_protocol import (
     buffer_key,
     build_share,
     check_plan,
+    checkpoint_header_key,
+    checkpoint_shard_key,
     control_key,
     final_parameter_key,
+    job_id_key,
     loss_key,
     loss_rank,
     micro_batch_size,
+    optimizer_key,
     parameter_key,
+    start_key,
     tensor_parallel_key,
     worker_ranks,
 )
 from cetd.runtime.models import ModelAdapter, adapter_for, disable_dropout
 from cetd.runtime.pipeline import MicroBatch, PipelineStageRunner
 from cetd.runtime.reference import AdamWSettings
-from cetd.runtime.spec import DRIVER_RANK, JobPlan, JobSpec, ModelDescription
+from cetd.runtime.spec import DRIVER_RANK, JobPlan, JobSpec, ModelDescription, WorkerAssignment
 from cetd.transport.channel import PeerChannel, SendHandle, TensorSpec
 
 __all__ = ["THREADS_ENV", "build_meta_model", "run_worker", "torch_dtype"]
@@ -88,6 +102,9 @@ def build_meta_model(description: ModelDescription, *, dtype: torch.dtype) -> tu
 
 
 class _StepRunner(Protocol):
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
+
     def run_step(self, step: int, micro_batches: Sequence[MicroBatch]) -> float | None: ...
 
 
@@ -145,6 +162,8 @@ def run_worker(
     *,
     num_threads: int | None = None,
     recv_timeout: timedelta = timedelta(minutes=10),
+    checkpoint_dir: Path | None = None,
+    device_id: str = "",
 ) -> None:
     """Train worker ``rank``'s share of the job until the driver says finish (or stop).
 
@@ -157,6 +176,10 @@ def run_worker(
         num_threads: torch compute threads; else the ``CETD_TORCH_THREADS`` environment variable;
             else torch's default.
         recv_timeout: longest wait for one tensor (from the driver or a peer).
+        checkpoint_dir: this device's checkpoint directory, where the worker keeps a replica of every
+            checkpoint shard it sends (``<dir>/<job>/step-…/shard-rank<r>.safetensors``, the very bytes
+            the driver stores); None keeps no replica.
+        device_id: this device's ID, recorded in the shards (defaults to the plan's).
 
     Raises:
         JobError: the plan does not fit the model, or the driver sent an unknown control value.
@@ -175,12 +198,18 @@ def run_worker(
     share = build_share(model, adapter, plan, rank, num_micro_batches=num_micro_batches, all_reduce=all_reduce)
     _receive_share(share, channel, recv_timeout)
     del model  # only the share's modules stay referenced
+    timeout = recv_timeout.total_seconds()
+    start = _receive_start(channel, timeout)
     runner = _make_runner(spec, plan, share, adapter, channel, size=size, timeout=recv_timeout)
+    if start.step > 0:
+        _receive_optimizer_state(share, runner.optimizer, channel, timeout)
+    keeper = _ShardKeeper(
+        share, runner.optimizer, plan.worker(rank), start, checkpoint_dir, device_id, keep=spec.keep_checkpoints
+    )
     reports_loss = rank == loss_rank(plan)
     recorder = _LossRecorder(share.module, num_micro_batches) if reports_loss else None
-    timeout = recv_timeout.total_seconds()
     fields = share.batch_fields
-    for step in itertools.count(1):
+    for step in itertools.count(start.step + 1):
         control = _control(channel.recv(DRIVER_RANK, control_key(step), CONTROL_SPEC, timeout))
         if control is Control.STOP:
             logger.info("rank %d: stopped by the driver before step %d", rank, step)
@@ -206,16 +235,106 @@ def run_worker(
         if recorder is not None:
             recorder.reset()
         loss: float | None
+        refused = False
         try:
             loss = runner.run_step(step, micro_batches)
         except JobError as error:
             logger.warning("rank %d: %s", rank, error)
             loss = recorder.refused_loss() if recorder is not None else None
+            refused = True
         if reports_loss:
             if loss is None:
                 raise RuntimeError(f"rank {rank} computes the loss but its runner returned none")
             channel.send(DRIVER_RANK, loss_key(step), torch.tensor(loss, dtype=torch.float64)).wait(timeout)
+        if control is Control.CHECKPOINT and not refused:  # a refused step ends the job: nothing to save
+            keeper.checkpoint(step, channel, timeout)
     raise AssertionError("unreachable")  # itertools.count never ends
+
+
+@dataclass(frozen=True, slots=True)
+class _Start:
+    step: int
+    """Steps already done (0 for a fresh job)."""
+    term: int
+    job_id: str
+
+
+def _receive_start(channel: PeerChannel, timeout: float) -> _Start:
+    record = channel.recv(DRIVER_RANK, start_key(), START_SPEC, timeout)
+    step, term, length = (int(value) for value in record)
+    job_id = ""
+    if length > 0:
+        raw = channel.recv(DRIVER_RANK, job_id_key(), TensorSpec(dtype=torch.uint8, shape=(length,)), timeout)
+        job_id = bytes(raw.numpy().tobytes()).decode("utf-8")
+    return _Start(step, term, job_id)
+
+
+def _receive_optimizer_state(
+    share: Share, optimizer: torch.optim.Optimizer, channel: PeerChannel, timeout: float
+) -> None:
+    """Receive the resumed share's AdamW state (every parameter, in `named_parameters_full` order)."""
+    slots = {}
+    step_spec = TensorSpec(dtype=torch.float64, shape=())
+    for name, spec in share.parameter_specs().items():
+        slots[name] = OptimizerSlot(
+            channel.recv(DRIVER_RANK, optimizer_key(name, "exp_avg"), spec, timeout),
+            channel.recv(DRIVER_RANK, optimizer_key(name, "exp_avg_sq"), spec, timeout),
+            channel.recv(DRIVER_RANK, optimizer_key(name, "step"), step_spec, timeout),
+        )
+    load_optimizer_state(optimizer, share.module.named_parameters_full(), slots)
+
+
+class _ShardKeeper:
+    """Writes this worker's checkpoint shards: a local replica (when it has a directory) and the driver's copy."""
+
+    def __init__(
+        self,
+        share: Share,
+        optimizer: torch.optim.Optimizer,
+        worker: WorkerAssignment,
+        start: _Start,
+        directory: Path | None,
+        device_id: str,
+        *,
+        keep: int,
+    ) -> None:
+        self._share = share
+        self._optimizer = optimizer
+        self._worker = worker
+        self._start = start
+        self._directory = directory
+        self._device_id = device_id or worker.device_id
+        self._keep = keep
+
+    def checkpoint(self, step: int, channel: PeerChannel, timeout: float) -> None:
+        """Serialize the share after ``step``, keep a replica, send the same bytes to the driver."""
+        meta = ShardMeta.for_worker(self._worker, step=step, layout=self._share.layout)
+        meta = dataclasses.replace(meta, device_id=self._device_id)
+        data = encode_shard(self._share.module.named_parameters_full(), self._optimizer, meta)
+        kept = self._keep_replica(step, data)
+        header = torch.tensor([len(data), int(kept)], dtype=torch.int64)
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        handles = [
+            channel.send(DRIVER_RANK, checkpoint_header_key(step), header),
+            channel.send(DRIVER_RANK, checkpoint_shard_key(step), payload),
+        ]
+        for handle in handles:
+            handle.wait(timeout)
+
+    def _keep_replica(self, step: int, data: bytes) -> bool:
+        if self._directory is None:
+            return False
+        folder = checkpoint_folder(self._directory, self._start.job_id, step=step, term=self._start.term)
+        path = folder / shard_file_name(self._worker.rank)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_file_atomic(path, data)
+        except OSError as error:
+            # The driver still gets its copy; the checkpoint is only less redundant.
+            logger.warning("rank %d: %s", self._worker.rank, disk_error(step, error, path))
+            return False
+        prune_replicas(self._directory, self._start.job_id, keep=self._keep)
+        return True
 
 
 def _set_threads(num_threads: int | None) -> None:

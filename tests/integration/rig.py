@@ -7,6 +7,7 @@ so nothing is ever multicast on the machine's real interfaces. Every process is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -146,9 +147,45 @@ class DaemonProcess:
         return str(runtime["address"])
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the daemon (its job processes die with it: they hold PR_SET_PDEATHSIG)."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
             self.proc.wait(timeout=15)
+
+    def kill_device(self) -> None:
+        """The device dies: the daemon and every job process on it, at once (kill -9)."""
+        import psutil
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        children = psutil.Process(self.proc.pid).children(recursive=True)
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        self.proc.wait(timeout=15)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """`cetctl status JOB --json`, fetched in-process."""
+        import asyncio
+
+        from cetd.cli.connect import open_client
+        from cetd.cli.train import status_dict
+        from cetd.transport.jobs_service import JobsClient
+
+        async def fetch() -> dict[str, Any]:
+            async with open_client(self.state_dir) as client:
+                return status_dict(await JobsClient(client.channel, client.address).get(job_id))
+
+        return asyncio.run(fetch())
+
+    def submit(self, *args: str) -> subprocess.Popen[str]:
+        """Start `cetctl --json train ARGS` in the background (it watches the job until it ends)."""
+        return subprocess.Popen(
+            [*self.prefix, sys.executable, "-m", "cetd.cli.cetctl", "--state-dir", str(self.state_dir), "--json",
+             "train", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        )
 
     def stop(self) -> int | None:
         if self.proc is None:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.integration.reference import reference_run, write_pair_data, write_text_data
 from tests.integration.rig import Household, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -30,23 +31,6 @@ TOLERANCE = 1e-5
 STEPS = 20
 COMMON = {"--steps": str(STEPS), "--batch": "8", "--micro-batches": "4", "--seq-len": "16", "--lr": "1e-4",
           "--seed": "3"}
-
-
-def write_text_data(path: Path) -> Path:
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "seven", "small", "birds", "sing"]
-    with path.open("w") as stream:
-        for i in range(80):
-            line = " ".join(words[(i * j) % len(words)] for j in range(3, 3 + 6 + i % 5))
-            stream.write(json.dumps({"text": f"{line} {i}"}) + "\n")
-    return path
-
-
-def write_pair_data(path: Path) -> Path:
-    with path.open("w") as stream:
-        for i in range(80):
-            stream.write(json.dumps({"question": f"what is item {i}?", "sentence": f"item {i} is a thing "
-                                     f"number {i % 7}", "label": i % 2}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -62,30 +46,6 @@ def household(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Household]:
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
     return {"gpt2-tiny": write_text_data(root / "text.jsonl"), "minilm": write_pair_data(root / "pairs.jsonl")}
-
-
-_REFERENCES: dict[str, tuple[list[float], dict[str, torch.Tensor], torch.nn.Module]] = {}
-
-
-def reference(model_name: str, data_path: Path) -> tuple[list[float], dict[str, torch.Tensor], torch.nn.Module]:
-    """Single-process training of the same job (cached per model)."""
-    if model_name in _REFERENCES:
-        return _REFERENCES[model_name]
-    from cetd.runtime.data import load_dataset, step_batches, tokenizer_for
-    from cetd.runtime.models.loading import load_model
-    from cetd.runtime.reference import AdamWSettings, train_reference
-
-    torch.set_num_threads(1)
-    seed = int(COMMON["--seed"])
-    model, pretrained, adapter = load_model(model_name, seed=seed, dtype=torch.float32)
-    dataset = load_dataset(data_path, task=adapter.task, tokenizer=tokenizer_for(pretrained, model.config),
-                           seq_len=int(COMMON["--seq-len"]), max_seq_len=adapter.max_seq_len())
-    batches = [step_batches(dataset, step, global_batch=8, micro_batches=4, seed=seed) for step in range(STEPS)]
-    run = train_reference(model, batches, settings=AdamWSettings(lr=1e-4, weight_decay=0.0), seed=seed,
-                          adapter=adapter)
-    model.eval()
-    _REFERENCES[model_name] = (list(run.losses), {k: v.detach().clone() for k, v in run.state_dict.items()}, model)
-    return _REFERENCES[model_name]
 
 
 def train(household: Household, submitter: int, args: dict[str, str], output: Path) -> tuple[dict[str, Any], list[float]]:
@@ -113,7 +73,8 @@ def test_distributed_training_matches_single_process(
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    ref_losses, ref_state, ref_model = reference(model_name, data[model_name])
+    ref_losses, ref_state, ref_model = reference_run(model_name, data[model_name], steps=STEPS,
+                                                     seed=int(COMMON["--seed"]))
     output = tmp_path / "out"
     args = {**COMMON, "--model": model_name, "--data": str(data[model_name]), "--parallelism": parallelism,
             "--devices": str(devices), "--schedule": schedule}

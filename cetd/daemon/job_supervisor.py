@@ -1,0 +1,262 @@
+"""The submitting daemon's supervision of one job: incarnations, failures, drains, pauses, restarts.
+
+An *incarnation* is one plan being executed: the coordinator plans over the devices alive now, workers
+start, the driver sends them their shares (from the newest complete checkpoint when resuming) and
+trains. When a device of the plan dies (its stream ends, or its heartbeats stop: the supervisor then
+aborts the step), the driver reports `lost`; when a device leaves on purpose the driver checkpoints at
+the next step boundary and stops (`migrate`). Either way the next incarnation resumes from the newest
+complete checkpoint on whatever devices remain — so a failure costs at most the steps since that
+checkpoint, and the partition may differ. A checkpoint that cannot be written pauses the job and is
+retried; nothing is ever marked complete before all of it is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from cetd.cluster.membership import PeerState
+from cetd.errors import CetdError, JobError, UnavailableError
+from cetd.ids import DeviceId
+from cetd.runtime.spec import JobPlan, JobSpec, from_json
+from cetd.transport.job_types import JobState, StepProgress, WorkerEndpoint
+
+from .job_process import JobProcess
+from .job_store import CheckpointRecord, Recovery, StoredJob
+
+if TYPE_CHECKING:
+    from .jobs import JobManager, JobRecord
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT = timedelta(minutes=5)
+PAUSE_RETRY = timedelta(seconds=3)
+MAX_RECOVERIES = 50
+GENERIC_WATTS_PER_DEVICE = 15.0
+"""Energy model until device power profiles are known: a small device at full load (labelled 'model')."""
+
+
+@dataclass
+class Incarnation:
+    plan: JobPlan
+    term: int
+    started: float
+    devices: set[str] = field(default_factory=set)
+    aborted: bool = False
+
+
+class JobSupervisor:
+    """Runs one job from its submitting daemon until it succeeds, fails for good or is cancelled."""
+
+    def __init__(self, manager: JobManager, record: JobRecord, stored: StoredJob, driver: JobProcess,
+                 description_json: str) -> None:
+        self._manager = manager
+        self._record = record
+        self._stored = stored
+        self._driver = driver
+        self._description = description_json
+        self._spec = from_json(JobSpec, stored.spec_json)
+        self._current: Incarnation | None = None
+        self._leaving: set[str] = set()
+        self._requested_workers = 0
+        self._seconds = 0.0
+        self._samples = 0
+
+    @property
+    def job_id(self) -> str:
+        return self._stored.job_id
+
+    @property
+    def devices(self) -> set[str]:
+        return set() if self._current is None else set(self._current.devices)
+
+    # -- the incarnation loop -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        resume = bool(self._stored.checkpoints)
+        exclude: set[str] = set()
+        pending: Recovery | None = None
+        watcher = asyncio.get_running_loop().create_task(self._watch_members(), name=f"watch-{self.job_id}")
+        try:
+            while True:
+                plan_started = time.monotonic()
+                try:
+                    launch = await self._manager.launch_via_coordinator(
+                        self.job_id, self._stored.spec_json, self._description, exclude | self._leaving,
+                        resume=resume or pending is not None)
+                except (UnavailableError, JobError) as error:
+                    if not resume and pending is None:
+                        raise
+                    self._set_state(JobState.PAUSED, f"waiting for devices: {error}")
+                    await asyncio.sleep(PAUSE_RETRY.total_seconds())
+                    exclude = set()
+                    continue
+                planned = time.monotonic()
+                plan = from_json(JobPlan, launch.plan_json)
+                self._requested_workers = self._requested_workers or len(plan.workers)
+                self._current = Incarnation(plan=plan, term=launch.term, started=planned,
+                                            devices={w.device_id for w in plan.workers})
+                self._record.devices = len(plan.workers)
+                self._record.update(plan_json=launch.plan_json, term=launch.term)
+                await self._driver.send({"plan": json.loads(launch.plan_json), "term": launch.term,
+                                         "resume": resume})
+                ready = await self._driver.expect("ready", READY_TIMEOUT)
+                endpoints = (WorkerEndpoint(rank=0, device_id=self._manager.me, address=ready["address"]),
+                             *launch.endpoints)
+                coordinator = self._manager.coordinator_id() or ""
+                await asyncio.gather(*(self._manager.connect(e.device_id, launch.term, coordinator, self.job_id,
+                                                             endpoints) for e in launch.endpoints))
+                await self._driver.send({"peers": _peer_map(endpoints)})
+                self._set_state(JobState.RUNNING, "")
+                logger.info("job %s running (term %d): %s", self.job_id, launch.term, plan.reason)
+                outcome, event = await self._follow(pending, plan_started, planned)
+                pending = None
+                if outcome == "done":
+                    self._manager.finish(self._record, JobState.SUCCEEDED, "", output=str(event.get("output", "")))
+                    self._save()
+                    return
+                await self._manager.stop_workers(plan)
+                resume = bool(self._stored.checkpoints)
+                if outcome == "paused":
+                    self._set_state(JobState.PAUSED, str(event.get("reason")))
+                    await asyncio.sleep(PAUSE_RETRY.total_seconds())
+                    exclude = set()
+                    continue
+                # lost: a device failed or is leaving; the next incarnation resumes without it.
+                if len(self._stored.recoveries) >= MAX_RECOVERIES:
+                    raise JobError(f"gave up after {MAX_RECOVERIES} recoveries; last: {event.get('reason')}")
+                failed_device = self._failed_device(plan, event)
+                exclude = {failed_device} if failed_device and not event.get("migrated") else set()
+                checkpoint = int(event.get("checkpoint_step") or 0)
+                failed_step = int(event.get("last_step") or 0) + 1
+                pending = Recovery(
+                    at=time.time(), cause=str(event.get("reason")), device_id=failed_device,
+                    failed_step=failed_step, resumed_from=checkpoint,
+                    steps_redone=max(0, int(event.get("last_step") or 0) - checkpoint),
+                )
+                logger.warning("job %s lost a device at step %d (%s); resuming from checkpoint %d",
+                               self.job_id, failed_step, event.get("reason"), checkpoint)
+                self._set_state(JobState.RECOVERING, str(event.get("reason")))
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def _follow(self, pending: Recovery | None, plan_started: float,
+                      planned: float) -> tuple[str, dict[str, Any]]:
+        """Follow the driver through one incarnation; return how it ended."""
+        first_step = True
+        step_started = time.monotonic()
+        while True:
+            event = await self._driver.next_event()
+            kind = event.get("event")
+            if kind == "step":
+                self._on_step(event)
+                if first_step and pending is not None:
+                    now = time.monotonic()
+                    self._stored.recoveries.append(Recovery(
+                        at=pending.at, cause=pending.cause, device_id=pending.device_id,
+                        failed_step=pending.failed_step, resumed_from=pending.resumed_from,
+                        steps_redone=pending.steps_redone,
+                        replan_s=planned - plan_started, reload_s=step_started - planned,
+                        recovered_s=now - plan_started,
+                    ))
+                    self._save()
+                first_step = False
+                step_started = time.monotonic()
+            elif kind == "checkpoint":
+                self._stored.checkpoints.append(CheckpointRecord(
+                    step=int(event["step"]), at=time.time(), manifest=str(event["manifest"]),
+                    term=self._current.term if self._current else 0))
+                self._stored.checkpoints = self._stored.checkpoints[-10:]
+                self._save()
+                self._maybe_grow()
+            elif kind in ("done", "lost", "paused"):
+                return str(kind), event
+            elif kind == "failed":
+                raise JobError(str(event.get("reason")))
+
+    def _on_step(self, event: dict[str, Any]) -> None:
+        step = StepProgress(step=int(event["step"]), loss=float(event["loss"]), seconds=float(event["seconds"]),
+                            samples=int(event["samples"]))
+        self._seconds += step.seconds
+        self._samples += step.samples
+        per_sample = self._seconds / max(self._samples, 1)
+        self._stored.steps_done = step.step
+        self._record.update(
+            step=step, steps_done=step.step, last_loss=step.loss, seconds_per_sample=per_sample,
+            joules_per_sample=per_sample * GENERIC_WATTS_PER_DEVICE * (self._record.devices + 1),
+            energy_source=f"model: {GENERIC_WATTS_PER_DEVICE:g} W per device",
+        )
+        self._manager.report_soon(self._record)
+
+    # -- reacting to the household --------------------------------------------------------------------
+
+    async def _watch_members(self) -> None:
+        """Abort the running step as soon as a device of the plan is declared dead by heartbeats."""
+        while True:
+            await asyncio.sleep(0.25)
+            current = self._current
+            if current is None or current.aborted:
+                continue
+            dead = [d for d in current.devices if self._manager.peer_state(d) is PeerState.DEAD]
+            if dead:
+                current.aborted = True
+                reason = f"device {dead[0]} stopped answering heartbeats"
+                logger.warning("job %s: %s; aborting the step", self.job_id, reason)
+                with contextlib.suppress(CetdError, ConnectionError):
+                    await self._driver.send({"abort": reason})
+
+    async def leave(self, device_id: str) -> bool:
+        """Move the job off ``device_id`` (drain, shutdown): checkpoint at the next step and re-plan."""
+        self._leaving.add(device_id)
+        current = self._current
+        if current is None or device_id not in current.devices:
+            return False
+        logger.info("job %s leaves device %s at the next step boundary", self.job_id, device_id)
+        await self._driver.send({"migrate": True})
+        return True
+
+    def _maybe_grow(self) -> None:
+        """At a checkpoint boundary, take in devices that arrived if the job runs on fewer than it asked."""
+        current = self._current
+        if current is None or len(current.plan.workers) >= self._requested_workers:
+            return
+        candidates = self._manager.live_devices() - current.devices - self._leaving
+        if candidates:
+            logger.info("job %s: %d device(s) available again; re-planning at this checkpoint",
+                        self.job_id, len(candidates))
+            self._manager.spawn(self._driver.send({"migrate": True}), "grow")
+
+    def _failed_device(self, plan: JobPlan, event: dict[str, Any]) -> str:
+        rank = event.get("failed_rank")
+        if isinstance(rank, int) and rank > 0:
+            with contextlib.suppress(KeyError):
+                return plan.worker(rank).device_id
+        dead = [d for d in self.devices if self._manager.peer_state(d) is not PeerState.ALIVE]
+        return dead[0] if dead else ""
+
+    def _set_state(self, state: JobState, reason: str) -> None:
+        self._stored.state = state.value
+        self._stored.reason = reason
+        self._record.update(state=state, reason=reason)
+        self._save()
+        self._manager.report_soon(self._record)
+
+    def _save(self) -> None:
+        self._record.update(checkpoints=tuple(c.step for c in self._stored.checkpoints),
+                            recoveries_json=json.dumps([asdict(r) for r in self._stored.recoveries]))
+        self._manager.store.save(self._stored)
+
+
+def _peer_map(endpoints: tuple[WorkerEndpoint, ...]) -> dict[str, list[str]]:
+    from cetd.identity import tls_server_name
+
+    return {str(e.rank): [e.address, tls_server_name(DeviceId(e.device_id))] for e in endpoints}
+
