@@ -254,6 +254,7 @@ class Household:
         prefixes: Sequence[Sequence[str]] | None = None,
         ranks: Sequence[int] | None = None,
         extra: dict[str, dict[str, Any]] | None = None,
+        per_daemon: Sequence[dict[str, dict[str, Any]]] | None = None,
     ) -> Household:
         household = cls(root)
         for i in range(n):
@@ -266,6 +267,8 @@ class Household:
                 provision_member(root / "dev0", state_dir, name)
             host = hosts[i] if hosts else "127.0.0.1"
             section_extra = {k: dict(v) for k, v in (extra or {}).items()}
+            for section, values in (per_daemon[i] if per_daemon else {}).items():
+                section_extra.setdefault(section, {}).update(values)
             if ranks is not None:
                 section_extra.setdefault("device", {})["rank"] = ranks[i]
             config = write_config(root / f"{name}.toml", state_dir=state_dir, name=name, host=host,
