@@ -56,10 +56,10 @@ def test_full_disk_pauses_then_resumes_with_nothing_lost(tmp_path: Path, tmpfs: 
         job_id = first["job"]["job_id"]
         wait_until(lambda: submitter.job(job_id)["checkpoints"], 60, interval=0.05, what="a first checkpoint")
         filler = tmpfs / "filler"
-        with filler.open("wb", buffering=0) as stream:  # fill the disk up: the next checkpoint cannot fit
-            with contextlib.suppress(OSError):
-                while True:
-                    stream.write(b"\0" * 65536)
+        # Fill the disk up: the next checkpoint cannot fit.
+        with filler.open("wb", buffering=0) as stream, contextlib.suppress(OSError):
+            while True:
+                stream.write(b"\0" * 65536)
         assert shutil.disk_usage(tmpfs).free < 65536
         job = wait_until(lambda: (j := submitter.job(job_id))["state"] == "paused" and j, 60, interval=0.05,
                          what="the job to pause")
