@@ -138,11 +138,13 @@ async def cmd_status(client: PeerClient, args: argparse.Namespace) -> int:
             console.print(f"[bold]plan[/]: {data['plan']['reason']}")
         if data["recoveries"]:
             table = Table(title="recoveries")
-            for column in ("when", "what failed", "step", "resumed from", "redone", "recovered in"):
+            for column in ("when", "what failed", "step", "resumed from", "redone", "re-plan", "reload", "warm-up",
+                           "recovered in"):
                 table.add_column(column)
             for r in data["recoveries"]:
                 table.add_row(time.strftime("%H:%M:%S", time.localtime(r["at"])), r["cause"], str(r["failed_step"]),
-                              str(r["resumed_from"]), str(r["steps_redone"]), f"{r['recovered_s']:.1f} s")
+                              str(r["resumed_from"]), str(r["steps_redone"]), f"{r['replan_s']:.1f} s",
+                              f"{r['reload_s']:.1f} s", f"{r['warmup_s']:.1f} s", f"{r['recovered_s']:.1f} s")
             console.print(table)
     return 0
 

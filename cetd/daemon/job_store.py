@@ -32,11 +32,12 @@ class Recovery:
     resumed_from: int = 0
     """The checkpoint step training went on from."""
     steps_redone: int = 0
-    detection_s: float = 0.0
-    """From the failure to the driver knowing (kill → `lost`)."""
     replan_s: float = 0.0
+    """From noticing the failure to the new plan's workers running (planning and starting processes)."""
     reload_s: float = 0.0
-    """From the new plan to the first resumed step starting (workers started, state sent)."""
+    """From the workers running to the first resumed step starting (checkpoint read, shares sent)."""
+    warmup_s: float = 0.0
+    """The first resumed step's own duration."""
     recovered_s: float = 0.0
     """From noticing the failure to the first resumed step finishing."""
 

@@ -97,16 +97,16 @@ class JobSupervisor:
                     await asyncio.sleep(PAUSE_RETRY.total_seconds())
                     exclude = set()
                     continue
-                planned = time.monotonic()
                 plan = from_json(JobPlan, launch.plan_json)
                 self._requested_workers = self._requested_workers or len(plan.workers)
-                self._current = Incarnation(plan=plan, term=launch.term, started=planned,
+                self._current = Incarnation(plan=plan, term=launch.term, started=time.monotonic(),
                                             devices={w.device_id for w in plan.workers})
                 self._record.devices = len(plan.workers)
                 self._record.update(plan_json=launch.plan_json, term=launch.term)
                 await self._driver.send({"plan": json.loads(launch.plan_json), "term": launch.term,
                                          "resume": resume})
                 ready = await self._driver.expect("ready", READY_TIMEOUT)
+                planned = time.monotonic()  # workers are running and the driver is listening
                 endpoints = (WorkerEndpoint(rank=0, device_id=self._manager.me, address=ready["address"]),
                              *launch.endpoints)
                 coordinator = self._manager.coordinator_id() or ""
@@ -152,7 +152,6 @@ class JobSupervisor:
                       planned: float) -> tuple[str, dict[str, Any]]:
         """Follow the driver through one incarnation; return how it ended."""
         first_step = True
-        step_started = time.monotonic()
         while True:
             event = await self._driver.next_event()
             kind = event.get("event")
@@ -160,16 +159,15 @@ class JobSupervisor:
                 self._on_step(event)
                 if first_step and pending is not None:
                     now = time.monotonic()
+                    warmup = float(event["seconds"])
                     self._stored.recoveries.append(Recovery(
                         at=pending.at, cause=pending.cause, device_id=pending.device_id,
                         failed_step=pending.failed_step, resumed_from=pending.resumed_from,
-                        steps_redone=pending.steps_redone,
-                        replan_s=planned - plan_started, reload_s=step_started - planned,
-                        recovered_s=now - plan_started,
+                        steps_redone=pending.steps_redone, replan_s=planned - plan_started,
+                        reload_s=max(0.0, now - warmup - planned), warmup_s=warmup, recovered_s=now - plan_started,
                     ))
                     self._save()
                 first_step = False
-                step_started = time.monotonic()
             elif kind == "checkpoint":
                 self._stored.checkpoints.append(CheckpointRecord(
                     step=int(event["step"]), at=time.time(), manifest=str(event["manifest"]),

@@ -27,7 +27,7 @@ from cetd.cluster.planner import DeviceOffer, plan_job
 from cetd.errors import CetdError, JobError, NotAuthorizedError, UnavailableError
 from cetd.identity import StateDir, tls_server_name
 from cetd.ids import DeviceId
-from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, from_json, to_json
+from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, WorkerAssignment, from_json, to_json
 from cetd.transport.job_types import (
     JobEvent,
     JobState,
@@ -266,47 +266,63 @@ class JobManager:
 
     async def launch(self, job_id: str, spec_json: str, description_json: str, exclude: tuple[str, ...],
                      resume: bool, caller: DeviceId) -> LaunchResult:
+        """Plan the job on the live members and start its workers; a device that cannot start its worker
+        (it died since its last heartbeat) is left out and the job re-planned, up to three times."""
         if self._node.election.coordinator_id != self._me:
             raise UnavailableError("this device is not the coordinator; ask the current one")
         term = self._node.election.term
         spec = from_json(JobSpec, spec_json)
         description = from_json(ModelDescription, description_json)
-        offers = [o for o in self._offers() if o.device_id not in exclude and o.device_id not in self._draining]
-        if resume and spec.devices > len(offers) >= 1:
-            # After a failure the job goes on with what is left rather than waiting for the lost device.
-            spec = replace(spec, devices=len(offers))
-        plan = plan_job(spec, description, offers)
-        plan_json = to_json(plan)
-        logger.info("job %s planned (term %d): %s", job_id, term, plan.reason)
         self._jobs.setdefault(job_id, JobRecord(status=JobStatus(
             job_id=job_id, state=JobState.LAUNCHING, spec_json=spec_json, submitter_id=caller,
             steps_total=spec.steps, created_at=time.time())))
-        orders = [
-            WorkerLaunch(term=term, coordinator_id=self._me, job_id=job_id, rank=w.rank, spec_json=spec_json,
-                         plan_json=plan_json, description_json=description_json, submitter_id=caller)
-            for w in plan.workers
-        ]
+        unusable = set(exclude) | self._draining
+        for attempt in range(3):
+            offers = [o for o in self._offers() if o.device_id not in unusable]
+            planned_spec = spec
+            if resume and spec.devices > len(offers) >= 1:
+                # After a failure the job goes on with what is left rather than waiting for the lost device.
+                planned_spec = replace(spec, devices=len(offers))
+            plan = plan_job(planned_spec, description, offers)
+            plan_json = to_json(plan)
+            logger.info("job %s planned (term %d): %s", job_id, term, plan.reason)
+            endpoints, failed = await self._start_workers(job_id, term, caller, spec_json, plan, plan_json,
+                                                          description_json)
+            if not failed:
+                self._jobs[job_id].update(plan_json=plan_json, term=term, state=JobState.RUNNING)
+                return LaunchResult(plan_json=plan_json, endpoints=tuple(endpoints), term=term)
+            await self.stop_workers(plan, job_id)
+            if not resume or attempt == 2:
+                device, error = next(iter(failed.items()))
+                raise UnavailableError(f"device {device} could not start its worker: {error}")
+            logger.warning("job %s: %s could not start a worker; re-planning without", job_id, ", ".join(failed))
+            unusable |= set(failed)
+        raise AssertionError("unreachable")
 
-        async def start(order: WorkerLaunch, device_id: str) -> WorkerEndpoint:
-            if device_id == self._me:
+    async def _start_workers(self, job_id: str, term: int, submitter: DeviceId, spec_json: str, plan: JobPlan,
+                             plan_json: str, description_json: str
+                             ) -> tuple[list[WorkerEndpoint], dict[str, CetdError]]:
+        """Order every worker of ``plan`` started; return the endpoints and the devices that failed."""
+
+        async def start(worker: WorkerAssignment) -> WorkerEndpoint:
+            order = WorkerLaunch(term=term, coordinator_id=self._me, job_id=job_id, rank=worker.rank,
+                                 spec_json=spec_json, plan_json=plan_json, description_json=description_json,
+                                 submitter_id=submitter)
+            if worker.device_id == self._me:
                 address = await self.start_worker(order, self._me)
             else:
-                address = await self._client(device_id).start_worker(order)
-            return WorkerEndpoint(rank=order.rank, device_id=device_id, address=address)
+                address = await self._client(worker.device_id).start_worker(order)
+            return WorkerEndpoint(rank=worker.rank, device_id=worker.device_id, address=address)
 
-        try:
-            endpoints = await asyncio.gather(*(start(o, w.device_id) for o, w in zip(orders, plan.workers,
-                                                                                    strict=True)))
-        except CetdError:
-            for worker in plan.workers:
-                with contextlib.suppress(CetdError):
-                    if worker.device_id == self._me:
-                        await self.stop_worker(job_id, self._me)
-                    else:
-                        await self._client(worker.device_id).stop_worker(job_id)
-            raise
-        self._jobs[job_id].update(plan_json=plan_json, term=term, state=JobState.RUNNING)
-        return LaunchResult(plan_json=plan_json, endpoints=tuple(endpoints), term=term)
+        results = await asyncio.gather(*(start(w) for w in plan.workers), return_exceptions=True)
+        endpoints = [r for r in results if isinstance(r, WorkerEndpoint)]
+        failed: dict[str, CetdError] = {}
+        for worker, result in zip(plan.workers, results, strict=True):
+            if isinstance(result, CetdError):
+                failed[worker.device_id] = result
+            elif isinstance(result, BaseException):
+                raise result
+        return endpoints, failed
 
     def _offers(self) -> list[DeviceOffer]:
         now = time.monotonic()

@@ -69,7 +69,7 @@ class DaemonLink:
                 self.abort_reason = str(message["abort"])
                 channel = self._channel
                 if channel is not None:
-                    threading.Thread(target=channel.close, name="abort", daemon=True).start()
+                    channel.abort(self.abort_reason)
             elif "migrate" in message:
                 self.migrate_requested.set()
             else:
@@ -162,11 +162,13 @@ def run_driver(launch: dict[str, Any], link: DaemonLink) -> None:
                                     checkpoint_dir=checkpoint_dir, on_checkpoint=on_checkpoint,
                                     stop_requested=link.migrate_requested.is_set)
             except WorkerLost as lost:
+                channel.abort(str(lost))  # do not wait on the lost peer when the channel closes
                 emit("lost", reason=link.abort_reason or str(lost), failed_rank=lost.failed_rank,
                      last_step=lost.last_step, checkpoint_step=lost.checkpoint_step,
                      migrated=link.migrate_requested.is_set())
                 continue
             except CheckpointError as error:
+                channel.abort(str(error))
                 emit("paused", reason=str(error))
                 continue
         emit("done", seconds=result.seconds, samples=result.samples, output=result.output)

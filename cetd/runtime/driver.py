@@ -57,7 +57,7 @@ __all__ = ["Driver", "TrainingResult", "WorkerLost"]
 
 logger = logging.getLogger(__name__)
 
-_STOP_TIMEOUT = timedelta(seconds=5)
+_STOP_TIMEOUT = timedelta(seconds=1)
 """Longest wait to hand one worker its stop after a failure (that worker may be the one that died)."""
 
 
@@ -440,13 +440,23 @@ class Driver:
         return [channel.send(rank, control_key(step), value) for rank in shares]
 
     def _stop_workers(self, channel: PeerChannel, step: int, shares: dict[int, Share]) -> None:
-        """Tell every worker to end before ``step``; best effort, as the channel may be what failed."""
+        """Tell every worker to end before ``step``; best effort, as the channel may be what failed.
+
+        All stops go out at once and share one short deadline: a dead worker never acknowledges, and
+        waiting for it would only delay the recovery (its daemon, or its absence, ends it anyway).
+        """
         value = torch.tensor([int(Control.STOP)], dtype=torch.int64)
-        wait = min(self._timeout, _STOP_TIMEOUT.total_seconds())
+        deadline = time.monotonic() + min(self._timeout, _STOP_TIMEOUT.total_seconds())
+        handles = []
         for rank in shares:
             try:
-                channel.send(rank, control_key(step), value).wait(wait)
+                handles.append((rank, channel.send(rank, control_key(step), value)))
             except Exception as error:  # the original failure is the one to report
+                logger.warning("could not tell worker rank %d to stop: %s", rank, error)
+        for rank, handle in handles:
+            try:
+                handle.wait(max(0.01, deadline - time.monotonic()))
+            except Exception as error:
                 logger.warning("could not tell worker rank %d to stop: %s", rank, error)
 
     def _recv(self, channel: PeerChannel, rank: int, key: TensorKey, spec: TensorSpec) -> torch.Tensor:

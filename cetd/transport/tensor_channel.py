@@ -169,6 +169,7 @@ class GrpcPeerChannel:
         self._senders: dict[int, PeerSender] = {}
         self._channels: list[grpc.aio.Channel] = []
         self._closed = False
+        self._abort_reason: str | None = None
         self._loop = _new_event_loop(self._config.use_uvloop)
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"cetd-tensors-{rank}", daemon=True)
         self._thread.start()
@@ -261,6 +262,15 @@ class GrpcPeerChannel:
         check_spec(peer, key, tensor, spec)
         return tensor
 
+    def abort(self, reason: str) -> None:
+        """End every waiting and later `recv` now, and make `close` drop unsent tensors instead of
+        flushing them: a peer is known to be dead (its heartbeats stopped) or the job is being torn down.
+        Thread-safe."""
+        if self._abort_reason is None:
+            self._abort_reason = reason
+            logger.warning("tensor channel of rank %d aborted: %s", self._rank, reason)
+        self._inbox.close()
+
     def close(self) -> None:
         """Flush queued sends (for at most ``config.close_grace``), stop the server and the loop thread."""
         if self._closed:
@@ -326,7 +336,7 @@ class GrpcPeerChannel:
         self._peer_names = {peer: tls_name for peer, (_, tls_name) in peers.items()}
 
     async def _shutdown(self) -> None:
-        grace = self._config.close_grace.total_seconds()
+        grace = 0.0 if self._abort_reason is not None else self._config.close_grace.total_seconds()
         await asyncio.gather(*(sender.close(grace) for sender in self._senders.values()))
         for channel in self._channels:
             await channel.close(None)

@@ -348,3 +348,24 @@ def test_close_fails_a_waiting_receive(household: list[TestDevice]) -> None:
     finally:
         first.close()
         second.close()
+
+
+@pytest.mark.timeout(60)
+def test_abort_wakes_a_receive_and_close_then_drops_unsendable_tensors(household: list[TestDevice]) -> None:
+    first, second = _pair(household)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(second.recv, 0, _key("never"), TensorSpec(dtype=torch.float32, shape=(1,)), 30)
+            time.sleep(0.3)
+            second.abort("peer rank 0 stopped answering heartbeats")
+            with pytest.raises(TransportError):
+                waiting.result(timeout=5)
+        # A tensor for a peer that will never take it must not hold close() for the flush grace.
+        first.close()
+        second.send(0, _key("act"), torch.zeros(1024))
+        started = time.monotonic()
+        second.close()
+        assert time.monotonic() - started < 2.0
+    finally:
+        first.close()
+        second.close()
