@@ -67,6 +67,7 @@ def _peer_row(p: PeerStatus) -> dict[str, Any]:
         "capabilities": asdict(p.info.capabilities),
         "verification_code": p.verification_code,
         "ca_holder": bool(p.info.enroll_address),
+        "link": {"bandwidth_bytes_per_second": p.bandwidth_bytes_per_second, "latency_seconds": p.latency_seconds},
     }
 
 
@@ -85,7 +86,8 @@ async def cmd_peers(client: PeerClient, args: argparse.Namespace) -> int:
 
     def human(console: Console) -> None:
         table = Table(title=f"household — term {view.term}, roster v{view.roster_version}")
-        for column in ("device", "name", "address", "state", "role", "cores", "memory", "accel", "seen"):
+        for column in ("device", "name", "address", "state", "role", "cores", "memory", "accel", "block ms",
+                       "link MB/s", "power", "seen"):
             table.add_column(column, no_wrap=column in ("device", "address"))
         for p in view.peers:
             caps = p.info.capabilities
@@ -93,6 +95,9 @@ async def cmd_peers(client: PeerClient, args: argparse.Namespace) -> int:
             table.add_row(
                 p.info.device_id.split("-")[0] + me, p.info.name, p.info.address or "-", p.state, p.role,
                 str(caps.cores or "-"), _gib(caps.memory_bytes), caps.accelerator or "-",
+                f"{caps.block_seconds * 1000:.1f}" if caps.block_seconds else "-",
+                f"{p.bandwidth_bytes_per_second / 1e6:.0f}" if p.bandwidth_bytes_per_second else "-",
+                caps.power_profile or "-",
                 "-" if p.last_seen_s < 0 else f"{p.last_seen_s:.1f}s ago",
             )
         console.print(table)

@@ -40,7 +40,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, parallelism=args.parallelism,
         devices=args.devices, schedule=args.schedule, sync_every=args.sync_every, precision=args.precision,
         checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,
-        keep_checkpoints=args.keep_checkpoints,
+        keep_checkpoints=args.keep_checkpoints, objective=args.objective,
     )
 
 
@@ -50,8 +50,9 @@ def status_dict(status: JobStatus) -> dict[str, Any]:
     data["spec"] = json.loads(status.spec_json) if status.spec_json else None
     data["plan"] = json.loads(status.plan_json) if status.plan_json else None
     data["recoveries"] = json.loads(status.recoveries_json or "[]")
+    data["energy"] = json.loads(status.energy_json or "{}")
     data["checkpoints"] = list(status.checkpoints)
-    del data["spec_json"], data["plan_json"], data["recoveries_json"]
+    del data["spec_json"], data["plan_json"], data["recoveries_json"], data["energy_json"]
     return data
 
 
@@ -132,10 +133,18 @@ async def cmd_status(client: PeerClient, args: argparse.Namespace) -> int:
     else:
         console = Console()
         for key, value in data.items():
-            if key not in ("spec", "plan", "recoveries"):
+            if key not in ("spec", "plan", "recoveries", "energy"):
                 console.print(f"[bold]{key}[/]: {value}")
         if data["plan"]:
             console.print(f"[bold]plan[/]: {data['plan']['reason']}")
+        if data["energy"]:
+            table = Table(title=f"energy ({status.energy_source})")
+            for column in ("device", "joules", "J/sample", "source"):
+                table.add_column(column)
+            for device, row in data["energy"].items():
+                table.add_row(device.split("-")[0], f"{row['joules']:.1f}", f"{row['joules_per_sample']:.3f}",
+                              row["source"])
+            console.print(table)
         if data["recoveries"]:
             table = Table(title="recoveries")
             for column in ("when", "what failed", "step", "resumed from", "redone", "re-plan", "reload", "warm-up",
@@ -158,28 +167,85 @@ async def cmd_cancel(client: PeerClient, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_plan(client: PeerClient, args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    added = [_parse_device(text) for text in args.add]
+    answer = await _jobs(client).plan(to_json(spec), remove=tuple(args.remove), add_json=json.dumps(added))
+    plan = json.loads(answer.plan_json)
+    prediction = json.loads(answer.prediction_json)
+    left_out = json.loads(answer.left_out_json)
+    if args.json:
+        print(json.dumps({"plan": plan, "prediction": prediction, "left_out": left_out}, indent=2))
+        return 0
+    console = Console()
+    console.print(f"[bold]{plan['parallelism']}[/] over {len(plan['workers'])} device(s), objective "
+                  f"{plan['objective']}: {plan['reason']}")
+    console.print(f"predicted: {prediction['seconds_per_sample']:.4f} s/sample, "
+                  f"{prediction['joules_per_sample']:.3f} J/sample (model), bottleneck: {prediction['bottleneck']}")
+    table = Table(title="shares")
+    for column in ("rank", "device", "blocks", "memory", "busy s/step", "J/step"):
+        table.add_column(column)
+    for worker in plan["workers"]:
+        device = worker["device_id"]
+        table.add_row(str(worker["rank"]), device.split("-")[0], f"{worker['start_block']}..{worker['end_block']}",
+                      f"{prediction['memory_bytes'].get(device, 0) / 1024**3:.2f} GiB",
+                      f"{prediction['busy_seconds'].get(device, 0):.3f}", f"{prediction['joules'].get(device, 0):.2f}")
+    console.print(table)
+    for device, why in left_out.items():
+        console.print(f"left out {device.split('-')[0]}: {why}")
+    return 0
+
+
+def _parse_device(text: str) -> dict[str, Any]:
+    """``NAME:CORES:MEMORY_GIB[:PROFILE]`` → a hypothetical device for --what-if."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4):
+        raise JobError(f"--add {text!r}: expected NAME:CORES:MEMORY_GIB[:POWER_PROFILE]")
+    try:
+        device: dict[str, Any] = {"device_id": parts[0], "cores": int(parts[1]),
+                                  "memory_bytes": int(float(parts[2]) * 1024**3)}
+    except ValueError:
+        raise JobError(f"--add {text!r}: cores must be an integer and memory a number of GiB") from None
+    if len(parts) == 4:
+        device["power_profile"] = parts[3]
+    return device
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="save_pretrained folder, or a preset (gpt2-tiny, minilm, …)")
+    parser.add_argument("--data", required=True, help="JSONL text (causal LM) or sentence pairs (JSONL/TSV)")
+    parser.add_argument("--output", default="", help="folder for the trained model (save_pretrained)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8, help="global batch (examples per step)")
+    parser.add_argument("--micro-batches", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parallelism", choices=["auto", "single", "pipeline", "tensor", "data"], default="auto")
+    parser.add_argument("--devices", type=int, default=0, help="devices to use (0: the planner decides)")
+    parser.add_argument("--objective", choices=["throughput", "energy"], default="throughput",
+                        help="what the planner optimises: seconds or joules per sample")
+    parser.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
+    parser.add_argument("--sync-every", type=int, default=1, help="data parallel: synchronise every k steps")
+    parser.add_argument("--precision", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--checkpoint-every", type=int, default=5,
+                        help="checkpoint every k steps (a failure costs at most the steps since the last one)")
+    parser.add_argument("--checkpoint-seconds", type=float, default=0.0, help="also checkpoint every T seconds")
+    parser.add_argument("--keep-checkpoints", type=int, default=3, help="complete checkpoints kept per job")
+
+
 def add_job_commands(sub: Any) -> None:
     train = sub.add_parser("train", help="train a model across the household")
-    train.add_argument("--model", required=True, help="save_pretrained folder, or a preset (gpt2-tiny, minilm, …)")
-    train.add_argument("--data", required=True, help="JSONL text (causal LM) or sentence pairs (JSONL/TSV)")
-    train.add_argument("--output", default="", help="folder for the trained model (save_pretrained)")
-    train.add_argument("--steps", type=int, default=20)
-    train.add_argument("--batch", type=int, default=8, help="global batch (examples per step)")
-    train.add_argument("--micro-batches", type=int, default=4)
-    train.add_argument("--seq-len", type=int, default=32)
-    train.add_argument("--lr", type=float, default=1e-4)
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--parallelism", choices=["auto", "single", "pipeline", "tensor", "data"], default="auto")
-    train.add_argument("--devices", type=int, default=0, help="devices to use (0: the planner decides)")
-    train.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
-    train.add_argument("--sync-every", type=int, default=1, help="data parallel: synchronise every k steps")
-    train.add_argument("--precision", choices=["float32", "float64"], default="float32")
-    train.add_argument("--checkpoint-every", type=int, default=5,
-                       help="checkpoint every k steps (a failure costs at most the steps since the last one)")
-    train.add_argument("--checkpoint-seconds", type=float, default=0.0, help="also checkpoint every T seconds")
-    train.add_argument("--keep-checkpoints", type=int, default=3, help="complete checkpoints kept per job")
+    _add_job_arguments(train)
     train.set_defaults(handler=cmd_train)
+    plan = sub.add_parser("plan", help="show the plan and its forecast without running (--what-if)")
+    _add_job_arguments(plan)
+    plan.add_argument("--what-if", action="store_true", help="(the default) plan only, run nothing")
+    plan.add_argument("--remove", action="append", default=[], metavar="DEVICE_ID", help="as if this device left")
+    plan.add_argument("--add", action="append", default=[], metavar="NAME:CORES:GIB[:PROFILE]",
+                      help="as if such a device joined")
+    plan.set_defaults(handler=cmd_plan)
     sub.add_parser("jobs", help="list jobs").set_defaults(handler=cmd_jobs)
     status = sub.add_parser("status", help="one job's state, plan and metrics")
     status.add_argument("job_id")

@@ -222,6 +222,8 @@ class DeviceConfig:
     """Memory the training workers may use, in bytes; 0 means the physical memory."""
     power_profile: str = "auto"
     """Power profile for the energy model (e.g. "jetson-nano"); "auto" picks one from the hardware."""
+    profile: bool = True
+    """Measure this device's speed in the background (a few seconds, daily, only while no job runs)."""
 
     def __post_init__(self) -> None:
         if self.rank < 0:

@@ -14,11 +14,13 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import timedelta
 
 import ifaddr
 
 from cetd.cluster.membership import FailureDetectorConfig
+from cetd.cluster.power import hardware_hints, profile_for
 from cetd.discovery import Advert, CapabilitySummary, MdnsNode, Sighting
 from cetd.errors import CetdError, IdentityError, TokenError
 from cetd.identity import (
@@ -43,6 +45,7 @@ from .jobs import JobManager
 from .joining import join_household
 from .logs import set_log_device
 from .notify import sd_notify
+from .profiler import keep_profiled, load_profile
 from .runtime_file import DaemonRuntime
 
 logger = logging.getLogger(__name__)
@@ -148,8 +151,13 @@ class Daemon:
     async def run(self) -> int:
         config = self.config
         self.state.ensure()
-        caps = detect_capabilities(rank_override=float(config.device.rank),
-                                   memory_limit_bytes=config.device.memory_limit_bytes)
+        threads = config.training.worker_threads or (os.cpu_count() or 1)
+        caps = replace(
+            detect_capabilities(rank_override=float(config.device.rank),
+                                memory_limit_bytes=config.device.memory_limit_bytes),
+            power_profile=profile_for(config.device.power_profile, hints=hardware_hints()).name,
+            block_seconds=load_profile(self.state.path, threads),
+        )
         identity = await obtain_identity(config, self.state, caps)
         set_log_device(short_id(identity.device_id))
         membership = config.membership
@@ -191,6 +199,11 @@ class Daemon:
             DaemonRuntime(device_id=identity.device_id, address=f"{local}:{member.port}", port=member.port,
                           enroll_port=enroll_port, pid=os.getpid()).write(self.state.path)
             heartbeats = asyncio.get_running_loop().create_task(node.run(), name="heartbeats")
+            if config.device.profile:
+                profiling = asyncio.get_running_loop().create_task(keep_profiled(
+                    self.state.path, threads, lambda: node.capabilities, node.update_capabilities, node.busy),
+                    name="profiler")
+                stack.push_async_callback(_cancel, profiling)
             await jobs.resume_unfinished()
             logger.info("device %s (%s) serving on %s:%d%s", identity.device_id, identity.name, host, member.port,
                         f", enrollment on port {enroll_port}" if enroll_port else "")
@@ -230,6 +243,12 @@ class Daemon:
                 capabilities=caps,
                 enroll_address=f"{sighting.host}:{advert.enroll_port}" if advert.enroll_port else "",
             ))
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def run_daemon(config: Config) -> int:

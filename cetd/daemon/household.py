@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 from cetd.cluster.election import Claim, Election, ElectionConfig, Role
@@ -80,8 +81,21 @@ class HouseholdNode:
         self._pending_seen: dict[DeviceId, PeerInfo] = {}
         self._last_role: tuple[Role, Term, DeviceId | None] | None = None
         self._pulls: set[asyncio.Task[None]] = set()
+        self.links: dict[DeviceId, tuple[float, float]] = {}
+        """Peer → (bandwidth bytes/s, latency s) measured from this daemon."""
+        self.busy: Callable[[], bool] = lambda: False
+        """Whether a job process runs here: link probes then wait, so as not to disturb training."""
+        self._probe_turn = 0
 
     # -- set-up --------------------------------------------------------------------------------------
+
+    def update_capabilities(self, capabilities: Capabilities) -> None:
+        """New measurements (e.g. the profiler's block time): advertised from the next heartbeat on."""
+        self.capabilities = capabilities
+        self.self_info = PeerInfo(
+            device_id=self.identity.device_id, name=self.identity.name, address=self.self_info.address,
+            capabilities=capabilities, enroll_address=self.self_info.enroll_address,
+        )
 
     def set_endpoints(self, address: str, enroll_address: str = "") -> None:
         """Record where this daemon listens, once its servers are bound."""
@@ -150,10 +164,12 @@ class HouseholdNode:
         for record in self.table.snapshot(now):
             seen.add(record.device_id)
             state = "revoked" if record.device_id in roster.revoked else record.state.value
+            bandwidth, latency = self.links.get(record.device_id, (0.0, 0.0))
             rows.append(PeerStatus(
                 info=record.info, state=state,
                 role=self._role_of(record.device_id) if record.state is not PeerState.DEAD else "", term=term,
-                last_seen_s=record.last_seen_age.total_seconds(),
+                last_seen_s=record.last_seen_age.total_seconds(), bandwidth_bytes_per_second=bandwidth,
+                latency_seconds=latency,
             ))
         for member in roster.active_members():
             if member.device_id not in seen:
@@ -213,6 +229,7 @@ class HouseholdNode:
     async def run(self) -> None:
         """Heartbeat every peer each interval and advance the election; runs until cancelled."""
         interval = self._detector.heartbeat_interval.total_seconds()
+        probes = asyncio.get_running_loop().create_task(self._measure_links(), name="link-probes")
         try:
             while True:
                 started = time.monotonic()
@@ -223,6 +240,9 @@ class HouseholdNode:
                 self.tick()
                 await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
         finally:
+            probes.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await probes
             for task in self._pulls:
                 task.cancel()
             await asyncio.gather(*self._pulls, return_exceptions=True)
@@ -274,6 +294,30 @@ class HouseholdNode:
                 logger.debug("adopted claim %s from %s", claim, sender.device_id)
         if heartbeat.roster_version > self.roster.version:
             self._spawn_pull(sender)
+
+    async def _measure_links(self, every: timedelta = timedelta(seconds=5), large: int = 1024 * 1024) -> None:
+        """Measure the link to one peer at a time over the real mutual-TLS transport.
+
+        Latency is half the best round trip of a tiny probe; bandwidth is the extra time a 1 MiB probe
+        takes. Nothing is measured while a job process runs on this device.
+        """
+        while True:
+            await asyncio.sleep(every.total_seconds())
+            alive = sorted(self.table.alive_info(time.monotonic()).values(), key=lambda p: p.device_id)
+            if not alive or self.busy():
+                continue
+            peer = alive[self._probe_turn % len(alive)]
+            self._probe_turn += 1
+            client = self._client(peer)
+            try:
+                tiny = min([await client.probe(1, 1) for _ in range(3)])
+                big = min([await client.probe(large, 1) for _ in range(2)])
+            except CetdError as error:
+                logger.debug("link probe to %s failed: %s", peer.device_id, error)
+                continue
+            bandwidth = large / max(big - tiny, 1e-6)
+            self.links[peer.device_id] = (bandwidth, tiny / 2)
+            logger.debug("link to %s: %.1f MB/s, %.2f ms", peer.device_id, bandwidth / 1e6, tiny * 500)
 
     # -- roster distribution -------------------------------------------------------------------------
 

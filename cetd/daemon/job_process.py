@@ -13,9 +13,12 @@ import json
 import logging
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from cetd.errors import JobError
 
@@ -29,6 +32,9 @@ class JobProcess:
         self.name = name
         self.log_path = log_path
         self._process: asyncio.subprocess.Process | None = None
+        self._started = 0.0
+        self._cpu_seconds = 0.0
+        self._cpu_taken = 0.0
 
     async def start(self, launch: dict[str, Any]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,6 +45,7 @@ class JobProcess:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
                 limit=16 * 1024 * 1024,
             )
+        self._started = time.monotonic()
         await self.send(launch)
 
     @property
@@ -87,11 +94,34 @@ class JobProcess:
             return None
         return await self._process.wait()
 
+    def cpu_seconds(self) -> float:
+        """CPU time (all threads, user + system) the process used so far; kept after it exits."""
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(psutil.Error):
+                times = psutil.Process(self._process.pid).cpu_times()
+                self._cpu_seconds = times.user + times.system
+        return self._cpu_seconds
+
+    def note_cpu_seconds(self, reported: float) -> None:
+        """The process's own account of its CPU time (it reports it when it ends)."""
+        self.cpu_seconds()
+        self._cpu_seconds = max(self._cpu_seconds, reported)
+
+    def take_cpu_seconds(self) -> float:
+        """CPU time used since the last call (the driver lives through several incarnations)."""
+        now = self.cpu_seconds()
+        taken, self._cpu_taken = now - self._cpu_taken, now
+        return taken
+
+    def wall_seconds(self) -> float:
+        return time.monotonic() - self._started if self._started else 0.0
+
     async def stop(self, grace: timedelta = timedelta(seconds=3)) -> int | None:
         """Ask politely (SIGTERM), then kill; return the exit code."""
         process = self._process
         if process is None:
             return None
+        self.cpu_seconds()  # the last reading before it is gone
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 process.terminate()

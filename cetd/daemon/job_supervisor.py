@@ -22,10 +22,11 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from cetd.cluster.membership import PeerState
+from cetd.cluster.power import DeviceUsage
 from cetd.errors import CetdError, JobError, UnavailableError
 from cetd.ids import DeviceId
 from cetd.runtime.spec import JobPlan, JobSpec, from_json
-from cetd.transport.job_types import JobState, StepProgress, WorkerEndpoint
+from cetd.transport.job_types import JobState, StepProgress, WorkerEndpoint, WorkerUsage
 
 from .job_process import JobProcess
 from .job_store import CheckpointRecord, Recovery, StoredJob
@@ -38,8 +39,14 @@ logger = logging.getLogger(__name__)
 READY_TIMEOUT = timedelta(minutes=5)
 PAUSE_RETRY = timedelta(seconds=3)
 MAX_RECOVERIES = 50
-GENERIC_WATTS_PER_DEVICE = 15.0
-"""Energy model until device power profiles are known: a small device at full load (labelled 'model')."""
+
+
+@dataclass
+class DeviceUsageTotal:
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    joules: float = 0.0
+    source: str = ""
 
 
 @dataclass
@@ -67,6 +74,8 @@ class JobSupervisor:
         self._requested_workers = 0
         self._seconds = 0.0
         self._samples = 0
+        self._usage: dict[str, DeviceUsageTotal] = {}
+        """Per device: CPU-seconds, wall seconds and metered joules of the job's processes there."""
 
     @property
     def job_id(self) -> str:
@@ -118,10 +127,11 @@ class JobSupervisor:
                 outcome, event = await self._follow(pending, plan_started, planned)
                 pending = None
                 if outcome == "done":
+                    self._account(await self._manager.stop_workers(plan), plan, final=True)
                     self._manager.finish(self._record, JobState.SUCCEEDED, "", output=str(event.get("output", "")))
                     self._save()
                     return
-                await self._manager.stop_workers(plan)
+                self._account(await self._manager.stop_workers(plan), plan, final=False)
                 resume = bool(self._stored.checkpoints)
                 if outcome == "paused":
                     self._set_state(JobState.PAUSED, str(event.get("reason")))
@@ -185,14 +195,57 @@ class JobSupervisor:
                             samples=int(event["samples"]))
         self._seconds += step.seconds
         self._samples += step.samples
-        per_sample = self._seconds / max(self._samples, 1)
         self._stored.steps_done = step.step
-        self._record.update(
-            step=step, steps_done=step.step, last_loss=step.loss, seconds_per_sample=per_sample,
-            joules_per_sample=per_sample * GENERIC_WATTS_PER_DEVICE * (self._record.devices + 1),
-            energy_source=f"model: {GENERIC_WATTS_PER_DEVICE:g} W per device",
-        )
+        self._record.update(step=step, steps_done=step.step, last_loss=step.loss,
+                            seconds_per_sample=self._seconds / max(self._samples, 1), **self._energy(live=True))
         self._manager.report_soon(self._record)
+
+    def _account(self, usage: dict[str, WorkerUsage], plan: JobPlan, *, final: bool) -> None:
+        """Add what one incarnation's processes used, per device (the driver counts on this device)."""
+        for device_id, used in usage.items():
+            total = self._usage.setdefault(device_id, DeviceUsageTotal())
+            total.cpu_seconds += used.cpu_seconds
+            total.wall_seconds += used.wall_seconds
+            total.joules += used.joules
+            total.source = used.energy_source or total.source
+        mine = self._usage.setdefault(self._manager.me, DeviceUsageTotal())
+        mine.cpu_seconds = max(mine.cpu_seconds, 0.0) + self._driver.take_cpu_seconds()
+        mine.wall_seconds = max(mine.wall_seconds, self._driver.wall_seconds())
+        if final:
+            self._record.update(**self._energy(live=False))
+
+    def _energy(self, *, live: bool) -> dict[str, Any]:
+        """Joules per sample per device and in total: meters where devices have them, else the power model.
+
+        While the job runs, devices are assumed busy on their worker threads (a live estimate); at the
+        end the measured CPU time of every job process is used.
+        """
+        plan = self._current.plan if self._current else None
+        if plan is None or not self._samples:
+            return {}
+        devices = {w.device_id for w in plan.workers} | {self._manager.me} | set(self._usage)
+        model = self._manager.energy_model(devices)
+        report: dict[str, dict[str, Any]] = {}
+        sources: set[str] = set()
+        wall = self._seconds
+        for device_id in sorted(devices):
+            total = self._usage.get(device_id)
+            if total is not None and total.joules > 0 and not live:
+                joules, source = total.joules, total.source
+            else:
+                cpu = (min(self._manager.worker_threads, 1 << 10) * wall if live or total is None
+                       else total.cpu_seconds)
+                # Idle power counts for the training time; CPU time is all the job's processes used there.
+                estimate = model.device_joules(DeviceUsage(
+                    device_id=device_id, wall=timedelta(seconds=wall), cpu_time=timedelta(seconds=cpu)))
+                joules, source = estimate.joules, f"model:{model.profile(device_id).name}"
+            sources.add(source.split(":")[0])
+            report[device_id] = {"joules": joules, "joules_per_sample": joules / self._samples, "source": source}
+        total_joules = sum(r["joules"] for r in report.values())
+        label = " + ".join(sorted(sources)) + (" (live estimate: CPUs assumed busy)" if live
+                                               else " (measured CPU time)" if "model" in sources else "")
+        return {"joules_per_sample": total_joules / self._samples, "energy_source": label,
+                "energy_json": json.dumps(report)}
 
     # -- reacting to the household --------------------------------------------------------------------
 

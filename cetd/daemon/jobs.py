@@ -14,16 +14,20 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from cetd.cluster.cost_model import Link
+from cetd.cluster.energy_meters import detect_meters, read_meters
 from cetd.cluster.membership import PeerState
-from cetd.cluster.planner import DeviceOffer, plan_job
+from cetd.cluster.planner import DeviceOffer, plan_job, what_if
+from cetd.cluster.power import EnergyModel, PowerProfile, profile_for
 from cetd.errors import CetdError, JobError, NotAuthorizedError, UnavailableError
 from cetd.identity import StateDir, tls_server_name
 from cetd.ids import DeviceId
@@ -33,11 +37,14 @@ from cetd.transport.job_types import (
     JobState,
     JobStatus,
     LaunchResult,
+    PlanAnswer,
     StepProgress,
     WorkerEndpoint,
     WorkerLaunch,
+    WorkerUsage,
 )
 from cetd.transport.jobs_service import JobsClient
+from cetd.transport.peer_info import PeerInfo
 
 from .household import HouseholdNode
 from .job_process import JobProcess
@@ -80,6 +87,10 @@ class JobManager:
         self._checkpoint_dir = checkpoint_dir
         self.store = JobStore(state)
         self._draining: set[str] = set()
+        self._meters = detect_meters(Path("/"))
+        self._meter_start: dict[str, float] = {}
+        node.busy = lambda: bool(self._workers) or any(r.driver is not None and r.driver.running
+                                                       for r in self._jobs.values())
         self._jobs: dict[str, JobRecord] = {}
         self._workers: dict[str, JobProcess] = {}
         self._worker_owner: dict[str, set[str]] = {}  # job → device IDs allowed to connect its worker
@@ -105,6 +116,18 @@ class JobManager:
 
     def spawn(self, coroutine: Any, name: str) -> asyncio.Task[Any]:
         return self._spawn(coroutine, name)
+
+    @property
+    def worker_threads(self) -> int:
+        return self._threads or (os.cpu_count() or 1)
+
+    def energy_model(self, devices: set[str]) -> EnergyModel:
+        """Power profiles of ``devices`` as they advertise them (unknown devices: the laptop profile)."""
+        infos: dict[str, PeerInfo] = {str(k): v for k, v in self._node.table.alive_info(time.monotonic()).items()}
+        infos[self.me] = self._node.self_info
+        profiles = {d: profile_for(infos[d].capabilities.power_profile or "laptop") if d in infos
+                    else profile_for("laptop") for d in devices}
+        return EnergyModel(profiles=profiles, default=profile_for("laptop"))
 
     def report_soon(self, record: JobRecord) -> None:
         """Tell the coordinator about a job's progress, at most once a second."""
@@ -230,21 +253,25 @@ class JobManager:
         else:
             await self._client(device_id).connect_worker(term, coordinator, job_id, endpoints)
 
-    async def stop_workers(self, plan: JobPlan, job_id: str | None = None) -> None:
-        """Stop the workers of one incarnation (best effort: a dead device's worker is gone anyway)."""
+    async def stop_workers(self, plan: JobPlan, job_id: str | None = None) -> dict[str, WorkerUsage]:
+        """Stop the workers of one incarnation (best effort: a dead device's worker is gone anyway);
+        return what each reachable device's worker used."""
         job = job_id or next((j for j, r in self._jobs.items() if r.status.plan_json and
                               from_json(JobPlan, r.status.plan_json) == plan), "")
+
+        usage: dict[str, WorkerUsage] = {}
 
         async def stop(device_id: str) -> None:
             try:
                 if device_id == self.me:
-                    await self.stop_worker(job, self.me)
+                    usage[device_id] = await self.stop_worker(job, self.me)
                 elif self.peer_state(device_id) is not PeerState.DEAD:
-                    await self._client(device_id).stop_worker(job, timeout=timedelta(seconds=5))
+                    usage[device_id] = await self._client(device_id).stop_worker(job, timeout=timedelta(seconds=5))
             except CetdError as error:
                 logger.warning("could not stop the worker of %s on %s: %s", job, device_id, error)
 
         await asyncio.gather(*(stop(w.device_id) for w in plan.workers))
+        return usage
 
     async def _report(self, record: JobRecord) -> None:
         coordinator = self._node.election.coordinator_id
@@ -278,12 +305,14 @@ class JobManager:
             steps_total=spec.steps, created_at=time.time())))
         unusable = set(exclude) | self._draining
         for attempt in range(3):
-            offers = [o for o in self._offers() if o.device_id not in unusable]
+            offers = [o for o in self._offers(description, spec.seq_len) if o.device_id not in unusable]
             planned_spec = spec
             if resume and spec.devices > len(offers) >= 1:
                 # After a failure the job goes on with what is left rather than waiting for the lost device.
                 planned_spec = replace(spec, devices=len(offers))
-            plan = plan_job(planned_spec, description, offers)
+            profiles, links = self._planning_inputs(offers)
+            plan = plan_job(planned_spec, description, offers, objective=spec.objective, profiles=profiles,
+                            links=links)
             plan_json = to_json(plan)
             logger.info("job %s planned (term %d): %s", job_id, term, plan.reason)
             endpoints, failed = await self._start_workers(job_id, term, caller, spec_json, plan, plan_json,
@@ -324,14 +353,55 @@ class JobManager:
                 raise result
         return endpoints, failed
 
-    def _offers(self) -> list[DeviceOffer]:
+    def _offers(self, description: ModelDescription | None = None, seq_len: int = 32) -> list[DeviceOffer]:
+        """The live members as the planner sees them, with their profiled speed scaled to the model."""
         now = time.monotonic()
         infos = [self._node.self_info, *self._node.table.alive_info(now).values()]
         return [
             DeviceOffer(device_id=i.device_id, memory_bytes=i.capabilities.memory_bytes, cores=i.capabilities.cores,
-                        rank=i.capabilities.rank)
+                        rank=i.capabilities.rank, power_profile=i.capabilities.power_profile,
+                        accelerator=bool(i.capabilities.accelerator),
+                        block_seconds=scale_block_seconds(i.capabilities.block_seconds, description, seq_len))
             for i in infos if self._node.roster.roster.is_member(i.device_id)
         ]
+
+    def _planning_inputs(self, offers: list[DeviceOffer]) -> tuple[dict[str, PowerProfile], dict[Any, Link]]:
+        profiles = {o.device_id: profile_for(o.power_profile or "laptop") for o in offers}
+        links = {(self.me, peer): Link(bandwidth_bytes_per_second=bandwidth, latency_seconds=latency)
+                 for peer, (bandwidth, latency) in self._node.links.items()}
+        return profiles, links
+
+    async def plan(self, spec_json: str, description_json: str, remove: tuple[str, ...], add_json: str,
+                   caller: DeviceId) -> PlanAnswer:
+        """`cetctl plan --what-if`: describe the model here, then ask the coordinator for the forecast."""
+        spec = from_json(JobSpec, spec_json)
+        if not description_json:
+            description_json = await self._describe_only(spec_json)
+        coordinator = await self._wait_for_coordinator()
+        if coordinator != self.me:
+            return await self._client(coordinator).plan(spec_json, description_json, remove, add_json)
+        description = from_json(ModelDescription, description_json)
+        offers = [o for o in self._offers(description, spec.seq_len) if o.device_id not in self._draining]
+        try:
+            added = [DeviceOffer(**d) for d in json.loads(add_json or "[]")]
+        except (TypeError, ValueError) as error:
+            raise JobError(f"malformed hypothetical device: {error}") from None
+        profiles, links = self._planning_inputs([*offers, *added])
+        planned = what_if(spec, description, offers, remove=remove, add=added, objective=spec.objective,
+                          profiles=profiles, links=links)
+        return PlanAnswer(plan_json=to_json(planned.plan), prediction_json=json.dumps(asdict(planned.prediction)),
+                          left_out_json=json.dumps(planned.left_out))
+
+    async def _describe_only(self, spec_json: str) -> str:
+        driver = JobProcess(name="the model check", log_path=self._state.path / "jobs" / "what-if.log")
+        await driver.start({"role": "driver", "job_id": "what-if", "spec": json.loads(spec_json),
+                            "state_dir": str(self._state.path), "host": self._host, "threads": self._threads,
+                            "checkpoint_dir": str(self._checkpoint_dir), "device_id": self.me})
+        try:
+            described = await driver.expect("described", DESCRIBE_TIMEOUT)
+        finally:
+            await driver.stop()
+        return json.dumps(described["description"])
 
     async def report(self, status: JobStatus, caller: DeviceId) -> None:
         if status.submitter_id != caller:
@@ -367,6 +437,8 @@ class JobManager:
             await process.stop()
             self._workers.pop(key, None)
             raise
+        if self._meters:
+            self._meter_start[key] = sum(r.joules for r in read_meters(self._meters))
         logger.info("worker rank %d of job %s listening on %s", launch.rank, launch.job_id, ready["address"])
         self._spawn(self._follow_worker(key, process), f"worker-{key}")
         return str(ready["address"])
@@ -374,6 +446,7 @@ class JobManager:
     async def _follow_worker(self, job_id: str, process: JobProcess) -> None:
         while True:
             event = await process.next_event()
+            process.note_cpu_seconds(float(event.get("cpu_seconds", 0.0)))
             if event.get("event") == "failed":
                 logger.error("worker of job %s failed: %s", job_id, event.get("reason"))
                 return
@@ -391,10 +464,18 @@ class JobManager:
         self._node.election.validate_command(term, DeviceId(coordinator_id))
         await process.send({"peers": _peer_map(endpoints, exclude=None)})
 
-    async def stop_worker(self, job_id: str, caller: DeviceId) -> None:
+    async def stop_worker(self, job_id: str, caller: DeviceId) -> WorkerUsage:
         process = self._workers.pop(job_id, None)
-        if process is not None:
-            await process.stop()
+        if process is None:
+            return WorkerUsage()
+        await process.stop()
+        joules, source = 0.0, ""
+        started = self._meter_start.pop(job_id, None)
+        if started is not None and self._meters:
+            readings = read_meters(self._meters)
+            joules, source = sum(r.joules for r in readings) - started, readings[0].source
+        return WorkerUsage(cpu_seconds=process.cpu_seconds(), wall_seconds=process.wall_seconds(), joules=joules,
+                           energy_source=source)
 
     # -- leaving devices -----------------------------------------------------------------------------
 
@@ -511,6 +592,25 @@ class JobManager:
         for process in list(self._workers.values()):
             await process.stop()
         self._workers.clear()
+
+
+REFERENCE_BLOCK = (768, 12, 32)
+"""The profiler's block: GPT-2 small's hidden size, heads and a 32-token sequence."""
+
+
+def scale_block_seconds(measured: float, description: ModelDescription | None, seq_len: int) -> float | None:
+    """The profiled per-sample block time, scaled to the model's block by its forward FLOPs per sample.
+
+    A block costs about 24·h² + 4·h·T multiply-adds per token (projections, MLP, attention scores).
+    """
+    if measured <= 0 or description is None:
+        return None
+    hidden, _, tokens = REFERENCE_BLOCK
+
+    def flops(h: int, t: int) -> float:
+        return t * (24.0 * h * h + 4.0 * h * t)
+
+    return measured * flops(description.hidden_size, seq_len) / flops(hidden, tokens)
 
 
 def _peer_map(endpoints: tuple[WorkerEndpoint, ...], exclude: int | None) -> dict[str, list[str]]:

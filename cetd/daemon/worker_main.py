@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import queue
+import resource
 import signal
 import sys
 import threading
@@ -171,7 +172,8 @@ def run_driver(launch: dict[str, Any], link: DaemonLink) -> None:
                 channel.abort(str(error))
                 emit("paused", reason=str(error))
                 continue
-        emit("done", seconds=result.seconds, samples=result.samples, output=result.output)
+        emit("done", seconds=result.seconds, samples=result.samples, output=result.output,
+             cpu_seconds=_cpu_seconds())
         return
 
 
@@ -188,7 +190,35 @@ def run_worker_process(launch: dict[str, Any], link: DaemonLink) -> None:
         channel.connect(_peers(link.next(), rank))
         run_worker(spec, plan, rank, description, channel, checkpoint_dir=Path(launch["checkpoint_dir"]),
                    device_id=launch["device_id"])
-    emit("done")
+    emit("done", cpu_seconds=_cpu_seconds())
+
+
+def run_profile(launch: dict[str, Any]) -> None:
+    """Time one reference transformer block (GPT-2 small's shape, 8 × 32 tokens), forward + backward."""
+    import statistics
+    import time
+
+    import torch
+    from transformers import GPT2Config
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    config = GPT2Config(n_embd=768, n_head=12, n_positions=64)
+    config._attn_implementation = "eager"  # as every training stage runs it
+    block = GPT2Block(config)  # type: ignore[no-untyped-call]  # transformers ships no types
+    hidden = torch.randn(8, 32, 768, requires_grad=True)
+    times = []
+    for i in range(int(launch.get("repeats", 7))):
+        started = time.perf_counter()
+        out = block(hidden)
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+        if i >= 2:  # the first passes warm caches and the allocator
+            times.append(time.perf_counter() - started)
+    emit("profiled", block_seconds=statistics.median(times) / hidden.shape[0], threads=torch.get_num_threads())
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _die_with_the_daemon() -> None:
@@ -214,6 +244,8 @@ def main() -> int:
     try:
         if launch["role"] == "driver":
             run_driver(launch, link)
+        elif launch["role"] == "profile":
+            run_profile(launch)
         else:
             run_worker_process(launch, link)
     except (CetdError, TransportError) as error:

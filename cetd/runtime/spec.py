@@ -53,6 +53,8 @@ class JobSpec:
     sync_every: int = 1
     """Data parallel: average every k steps (k=1: gradients every step, identical to one device)."""
     precision: Precision = "float32"
+    objective: Objective = "throughput"
+    """What the planner optimises: ``throughput`` (seconds per sample) or ``energy`` (joules per sample)."""
     checkpoint_every: int = 5
     """Write a checkpoint after every k-th optimizer step; 0 = only by time (``checkpoint_seconds``)."""
     checkpoint_seconds: float = 0.0
@@ -75,6 +77,7 @@ class JobSpec:
             (self.parallelism in (*get_args(Parallelism), "auto"), f"unknown parallelism {self.parallelism!r}"),
             (self.schedule in get_args(Schedule), f"unknown schedule {self.schedule!r}"),
             (self.precision in get_args(Precision), f"unknown precision {self.precision!r}"),
+            (self.objective in get_args(Objective), f"unknown objective {self.objective!r} (throughput or energy)"),
             (self.checkpoint_every >= 0, f"--checkpoint-every must not be negative, not {self.checkpoint_every}"),
             (self.checkpoint_seconds >= 0, f"--checkpoint-seconds must not be negative, not {self.checkpoint_seconds}"),
             (self.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, not {self.keep_checkpoints}"),

@@ -6,6 +6,7 @@ Each `PeerClient` keeps one grpc.aio channel for the life of the peer; gRPC erro
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable
 from datetime import timedelta
 from types import TracebackType
@@ -82,6 +83,13 @@ class PeerClient:
         request = codec.heartbeat_to_request(heartbeat, PROTOCOL_VERSION)
         reply = await call_rpc(self.address, self._household.Heartbeat(request, timeout=timeout.total_seconds()))
         return codec.heartbeat_from_response(reply)
+
+    async def probe(self, send_bytes: int, reply_bytes: int, timeout: timedelta = DEFAULT_TIMEOUT) -> float:
+        """Time one exchange of ``send_bytes`` out and ``reply_bytes`` back; return seconds."""
+        request = pb.ProbeRequest(payload=bytes(send_bytes), reply_bytes=reply_bytes)
+        started = time.perf_counter()
+        await call_rpc(self.address, self._household.Probe(request, timeout=timeout.total_seconds()))
+        return time.perf_counter() - started
 
     async def get_roster(self, timeout: timedelta = DEFAULT_TIMEOUT) -> SignedRoster:
         reply = await call_rpc(

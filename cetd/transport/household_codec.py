@@ -26,13 +26,15 @@ _STATUS_FROM_WIRE = {v: k for k, v in _STATUS_TO_WIRE.items()}
 
 def capabilities_to_wire(caps: Capabilities) -> pb.Capabilities:
     return pb.Capabilities(
-        cores=caps.cores, memory_bytes=caps.memory_bytes, accelerator=caps.accelerator, rank=caps.rank
+        cores=caps.cores, memory_bytes=caps.memory_bytes, accelerator=caps.accelerator, rank=caps.rank,
+        block_seconds=caps.block_seconds, power_profile=caps.power_profile,
     )
 
 
 def capabilities_from_wire(msg: pb.Capabilities) -> Capabilities:
     return Capabilities(
-        cores=msg.cores, memory_bytes=msg.memory_bytes, accelerator=msg.accelerator, rank=msg.rank
+        cores=msg.cores, memory_bytes=msg.memory_bytes, accelerator=msg.accelerator, rank=msg.rank,
+        block_seconds=msg.block_seconds, power_profile=msg.power_profile,
     )
 
 
@@ -170,6 +172,8 @@ def peer_status_to_wire(status: PeerStatus) -> pb.PeerStatus:
         term=status.term,
         last_seen_s=status.last_seen_s,
         verification_code=status.verification_code,
+        bandwidth_bytes_per_second=status.bandwidth_bytes_per_second,
+        latency_seconds=status.latency_seconds,
     )
 
 
@@ -181,6 +185,8 @@ def peer_status_from_wire(msg: pb.PeerStatus) -> PeerStatus:
         term=Term(msg.term),
         last_seen_s=msg.last_seen_s,
         verification_code=msg.verification_code,
+        bandwidth_bytes_per_second=msg.bandwidth_bytes_per_second,
+        latency_seconds=msg.latency_seconds,
     )
 
 

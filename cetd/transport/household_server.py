@@ -41,6 +41,9 @@ from cetd.wire import household_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+MAX_PROBE_BYTES = 4 * 1024 * 1024
+"""Largest link-probe reply: enough to time a link, too little to be a way to load a daemon."""
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -93,6 +96,11 @@ class _HouseholdServicer(pb_grpc.HouseholdServicer):
             )
         reply = await answer(context, self._handler.on_heartbeat(heartbeat))
         return codec.heartbeat_to_response(reply)
+
+    async def Probe(self, request: pb.ProbeRequest, context: Context) -> pb.ProbeReply:
+        if request.reply_bytes > MAX_PROBE_BYTES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"probe replies are at most {MAX_PROBE_BYTES} bytes")
+        return pb.ProbeReply(payload=bytes(request.reply_bytes))
 
     async def GetRoster(self, request: pb.GetRosterRequest, context: Context) -> pb.Roster:
         return codec.roster_to_wire(self._handler.signed_roster())

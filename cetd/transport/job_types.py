@@ -58,6 +58,8 @@ class JobStatus:
     created_at: float = 0.0
     finished_at: float = 0.0
     term: int = 0
+    energy_json: str = "{}"
+    """Joules per device with their source (model or meter)."""
     checkpoints: tuple[int, ...] = ()
     """Steps of the complete checkpoints kept."""
     recoveries_json: str = "[]"
@@ -99,3 +101,23 @@ class WorkerLaunch:
     plan_json: str
     description_json: str
     submitter_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerUsage:
+    """What a stopped worker used on its device."""
+
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    joules: float = 0.0
+    """Measured by the device's meter, else 0."""
+    energy_source: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanAnswer:
+    """`cetctl plan --what-if`: the plan, its forecast and why devices were left out (JSON documents)."""
+
+    plan_json: str
+    prediction_json: str
+    left_out_json: str

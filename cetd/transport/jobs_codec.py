@@ -22,7 +22,7 @@ def status_to_wire(status: JobStatus) -> pb.JobStatus:
         seconds_per_sample=status.seconds_per_sample, joules_per_sample=status.joules_per_sample,
         energy_source=status.energy_source, output=status.output, created_at=status.created_at,
         finished_at=status.finished_at, term=status.term, checkpoints=list(status.checkpoints),
-        recoveries_json=status.recoveries_json,
+        recoveries_json=status.recoveries_json, energy_json=status.energy_json,
     )
 
 
@@ -38,6 +38,7 @@ def status_from_wire(msg: pb.JobStatus) -> JobStatus:
         joules_per_sample=msg.joules_per_sample, energy_source=msg.energy_source, output=msg.output,
         created_at=msg.created_at, finished_at=msg.finished_at, term=msg.term,
         checkpoints=tuple(msg.checkpoints), recoveries_json=msg.recoveries_json or "[]",
+        energy_json=msg.energy_json or "{}",
     )
 
 

@@ -13,7 +13,15 @@ from cetd.transport import jobs_codec as codec
 from cetd.transport.auth import CALLER
 from cetd.transport.household_client import DEFAULT_TIMEOUT, call_rpc, error_from_rpc
 from cetd.transport.household_server import answer
-from cetd.transport.job_types import JobEvent, JobStatus, LaunchResult, WorkerEndpoint, WorkerLaunch
+from cetd.transport.job_types import (
+    JobEvent,
+    JobStatus,
+    LaunchResult,
+    PlanAnswer,
+    WorkerEndpoint,
+    WorkerLaunch,
+    WorkerUsage,
+)
 from cetd.wire import jobs_pb2 as pb
 from cetd.wire import jobs_pb2_grpc as pb_grpc
 
@@ -35,10 +43,12 @@ class JobsHandler(Protocol):
     async def start_worker(self, launch: WorkerLaunch, caller: DeviceId) -> str: ...
     async def connect_worker(self, term: int, coordinator_id: str, job_id: str,
                              endpoints: tuple[WorkerEndpoint, ...], caller: DeviceId) -> None: ...
-    async def stop_worker(self, job_id: str, caller: DeviceId) -> None: ...
+    async def stop_worker(self, job_id: str, caller: DeviceId) -> WorkerUsage: ...
     async def report(self, status: JobStatus, caller: DeviceId) -> None: ...
     async def leave(self, job_id: str, device_id: str, caller: DeviceId) -> None: ...
     async def drain(self, device_id: str, caller: DeviceId) -> list[str]: ...
+    async def plan(self, spec_json: str, description_json: str, remove: tuple[str, ...], add_json: str,
+                   caller: DeviceId) -> PlanAnswer: ...
 
 
 class JobsServicer(pb_grpc.JobsServicer):
@@ -81,8 +91,9 @@ class JobsServicer(pb_grpc.JobsServicer):
         return pb.WorkerAck()
 
     async def StopWorker(self, request: pb.JobRequest, context: Context) -> pb.WorkerAck:
-        await answer(context, self._handler.stop_worker(request.job_id, CALLER.get()))
-        return pb.WorkerAck()
+        usage = await answer(context, self._handler.stop_worker(request.job_id, CALLER.get()))
+        return pb.WorkerAck(cpu_seconds=usage.cpu_seconds, wall_seconds=usage.wall_seconds, joules=usage.joules,
+                            energy_source=usage.energy_source)
 
     async def Report(self, request: pb.JobReport, context: Context) -> pb.WorkerAck:
         await answer(context, self._handler.report(codec.status_from_wire(request.status), CALLER.get()))
@@ -96,6 +107,13 @@ class JobsServicer(pb_grpc.JobsServicer):
     async def Drain(self, request: pb.DrainRequest, context: Context) -> pb.DrainResponse:
         jobs = await answer(context, self._handler.drain(request.device_id, CALLER.get()))
         return pb.DrainResponse(jobs=jobs)
+
+
+    async def Plan(self, request: pb.PlanRequest, context: Context) -> pb.PlanResponse:
+        result = await answer(context, self._handler.plan(request.spec_json, request.description_json,
+                                                          tuple(request.remove), request.add_json, CALLER.get()))
+        return pb.PlanResponse(plan_json=result.plan_json, prediction_json=result.prediction_json,
+                               left_out_json=result.left_out_json)
 
 
 def add_jobs_service(handler: JobsHandler) -> Any:
@@ -159,9 +177,11 @@ class JobsClient:
                                           endpoints=codec.endpoints_to_wire(endpoints))
         await call_rpc(self._target, self._stub.ConnectWorker(request, timeout=timeout.total_seconds()))
 
-    async def stop_worker(self, job_id: str, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
-        await call_rpc(self._target, self._stub.StopWorker(pb.JobRequest(job_id=job_id),
-                                                        timeout=timeout.total_seconds()))
+    async def stop_worker(self, job_id: str, timeout: timedelta = DEFAULT_TIMEOUT) -> WorkerUsage:
+        reply = await call_rpc(self._target, self._stub.StopWorker(pb.JobRequest(job_id=job_id),
+                                                                timeout=timeout.total_seconds()))
+        return WorkerUsage(cpu_seconds=reply.cpu_seconds, wall_seconds=reply.wall_seconds, joules=reply.joules,
+                           energy_source=reply.energy_source)
 
     async def report(self, status: JobStatus, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
         await call_rpc(self._target, self._stub.Report(pb.JobReport(status=codec.status_to_wire(status)),
@@ -175,3 +195,11 @@ class JobsClient:
         reply = await call_rpc(self._target, self._stub.Drain(pb.DrainRequest(device_id=device_id),
                                                               timeout=timeout.total_seconds()))
         return list(reply.jobs)
+
+    async def plan(self, spec_json: str, description_json: str = "", remove: tuple[str, ...] = (),
+                   add_json: str = "", timeout: timedelta = timedelta(minutes=5)) -> PlanAnswer:
+        request = pb.PlanRequest(spec_json=spec_json, description_json=description_json, remove=list(remove),
+                                 add_json=add_json)
+        reply = await call_rpc(self._target, self._stub.Plan(request, timeout=timeout.total_seconds()))
+        return PlanAnswer(plan_json=reply.plan_json, prediction_json=reply.prediction_json,
+                          left_out_json=reply.left_out_json)

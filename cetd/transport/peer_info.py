@@ -22,6 +22,10 @@ class Capabilities:
     """"" when none, else a short description such as ``cuda:Orin``."""
     rank: float = 0.0
     """Election rank: higher wins, ties broken by device ID."""
+    block_seconds: float = 0.0
+    """Profiled seconds of a reference block's forward+backward per sample; 0 until measured."""
+    power_profile: str = ""
+    """Power profile name for the energy model."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,6 +101,9 @@ class PeerStatus:
     term: int = 0
     last_seen_s: float = -1.0
     verification_code: str = ""
+    bandwidth_bytes_per_second: float = 0.0
+    """Measured from the answering daemon to this peer; 0 when not measured yet."""
+    latency_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -33,12 +33,20 @@ class Capabilities(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     ACCELERATOR_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
+    BLOCK_SECONDS_FIELD_NUMBER: _builtins.int
+    POWER_PROFILE_FIELD_NUMBER: _builtins.int
     cores: _builtins.int
     memory_bytes: _builtins.int
     accelerator: _builtins.str
     """"" when the device has none, else e.g. "cuda:NVIDIA Jetson Orin" or "mps"."""
     rank: _builtins.float
     """Higher ranks win elections; ties are broken by device ID."""
+    block_seconds: _builtins.float
+    """Measured by the device's profiler: seconds of one reference transformer block's forward+backward
+    per sample (GPT-2-small shape, 32 tokens); 0 until measured.
+    """
+    power_profile: _builtins.str
+    """Name of the power profile the energy model uses for this device (built-in or from the config)."""
     def __init__(
         self,
         *,
@@ -46,10 +54,12 @@ class Capabilities(_message.Message):
         memory_bytes: _builtins.int = ...,
         accelerator: _builtins.str = ...,
         rank: _builtins.float = ...,
+        block_seconds: _builtins.float = ...,
+        power_profile: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "cores", b"cores", "memory_bytes", b"memory_bytes", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "block_seconds", b"block_seconds", "cores", b"cores", "memory_bytes", b"memory_bytes", "power_profile", b"power_profile", "rank", b"rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -286,6 +296,49 @@ class CommandAck(_message.Message):
 Global___CommandAck: _TypeAlias = CommandAck  # noqa: Y015
 
 @_typing.final
+class ProbeRequest(_message.Message):
+    """Link measurement: the caller times a tiny and a large exchange to estimate latency and bandwidth."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    REPLY_BYTES_FIELD_NUMBER: _builtins.int
+    payload: _builtins.bytes
+    reply_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        payload: _builtins.bytes = ...,
+        reply_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "reply_bytes", b"reply_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeRequest: _TypeAlias = ProbeRequest  # noqa: Y015
+
+@_typing.final
+class ProbeReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    payload: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        payload: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeReply: _TypeAlias = ProbeReply  # noqa: Y015
+
+@_typing.final
 class EnrollRequest(_message.Message):
     """---- Enrollment: the only call a device without a certificate can make. ----"""
 
@@ -389,6 +442,8 @@ class PeerStatus(_message.Message):
     TERM_FIELD_NUMBER: _builtins.int
     LAST_SEEN_S_FIELD_NUMBER: _builtins.int
     VERIFICATION_CODE_FIELD_NUMBER: _builtins.int
+    BANDWIDTH_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    LATENCY_SECONDS_FIELD_NUMBER: _builtins.int
     state: _builtins.str
     """alive, suspect, dead, pending or revoked."""
     role: _builtins.str
@@ -397,6 +452,9 @@ class PeerStatus(_message.Message):
     last_seen_s: _builtins.float
     """Seconds since the last heartbeat was seen; negative when never."""
     verification_code: _builtins.str
+    bandwidth_bytes_per_second: _builtins.float
+    """Link from the answering daemon to this peer, as last measured (0 when not yet)."""
+    latency_seconds: _builtins.float
     @_builtins.property
     def device(self) -> Global___DeviceInfo: ...
     def __init__(
@@ -408,10 +466,12 @@ class PeerStatus(_message.Message):
         term: _builtins.int = ...,
         last_seen_s: _builtins.float = ...,
         verification_code: _builtins.str = ...,
+        bandwidth_bytes_per_second: _builtins.float = ...,
+        latency_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "last_seen_s", b"last_seen_s", "role", b"role", "state", b"state", "term", b"term", "verification_code", b"verification_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_bytes_per_second", b"bandwidth_bytes_per_second", "device", b"device", "last_seen_s", b"last_seen_s", "latency_seconds", b"latency_seconds", "role", b"role", "state", b"state", "term", b"term", "verification_code", b"verification_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

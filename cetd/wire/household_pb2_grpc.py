@@ -39,6 +39,11 @@ class HouseholdStub:
                 request_serializer=cetd_dot_wire_dot_household__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=cetd_dot_wire_dot_household__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/cetd.v1.Household/Probe',
+                request_serializer=cetd_dot_wire_dot_household__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=cetd_dot_wire_dot_household__pb2.ProbeReply.FromString,
+                _registered_method=True)
         self.GetRoster = channel.unary_unary(
                 '/cetd.v1.Household/GetRoster',
                 request_serializer=cetd_dot_wire_dot_household__pb2.GetRosterRequest.SerializeToString,
@@ -60,6 +65,12 @@ class HouseholdServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Heartbeat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Probe(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,6 +101,11 @@ def add_HouseholdServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=cetd_dot_wire_dot_household__pb2.HeartbeatRequest.FromString,
                     response_serializer=cetd_dot_wire_dot_household__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=cetd_dot_wire_dot_household__pb2.ProbeRequest.FromString,
+                    response_serializer=cetd_dot_wire_dot_household__pb2.ProbeReply.SerializeToString,
             ),
             'GetRoster': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRoster,
@@ -134,6 +150,33 @@ class Household:
             '/cetd.v1.Household/Heartbeat',
             cetd_dot_wire_dot_household__pb2.HeartbeatRequest.SerializeToString,
             cetd_dot_wire_dot_household__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cetd.v1.Household/Probe',
+            cetd_dot_wire_dot_household__pb2.ProbeRequest.SerializeToString,
+            cetd_dot_wire_dot_household__pb2.ProbeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,7 @@ class HouseholdStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> HouseholdAsyncStub: ...
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_household_pb2.HeartbeatRequest, _household_pb2.HeartbeatResponse]
+    Probe: _grpc.UnaryUnaryMultiCallable[_household_pb2.ProbeRequest, _household_pb2.ProbeReply]
     GetRoster: _grpc.UnaryUnaryMultiCallable[_household_pb2.GetRosterRequest, _household_pb2.Roster]
     PushRoster: _grpc.UnaryUnaryMultiCallable[_household_pb2.Roster, _household_pb2.PushRosterResponse]
     Command: _grpc.UnaryUnaryMultiCallable[_household_pb2.CoordinatorCommand, _household_pb2.CommandAck]
@@ -46,6 +47,7 @@ class HouseholdStub:
 class HouseholdAsyncStub(HouseholdStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Heartbeat: _aio.UnaryUnaryMultiCallable[_household_pb2.HeartbeatRequest, _household_pb2.HeartbeatResponse]  # type: ignore[assignment]
+    Probe: _aio.UnaryUnaryMultiCallable[_household_pb2.ProbeRequest, _household_pb2.ProbeReply]  # type: ignore[assignment]
     GetRoster: _aio.UnaryUnaryMultiCallable[_household_pb2.GetRosterRequest, _household_pb2.Roster]  # type: ignore[assignment]
     PushRoster: _aio.UnaryUnaryMultiCallable[_household_pb2.Roster, _household_pb2.PushRosterResponse]  # type: ignore[assignment]
     Command: _aio.UnaryUnaryMultiCallable[_household_pb2.CoordinatorCommand, _household_pb2.CommandAck]  # type: ignore[assignment]
@@ -57,6 +59,13 @@ class HouseholdServicer(metaclass=_abc_1.ABCMeta):
         request: _household_pb2.HeartbeatRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_household_pb2.HeartbeatResponse, _abc.Awaitable[_household_pb2.HeartbeatResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Probe(
+        self,
+        request: _household_pb2.ProbeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_household_pb2.ProbeReply, _abc.Awaitable[_household_pb2.ProbeReply]]: ...
 
     @_abc_1.abstractmethod
     def GetRoster(

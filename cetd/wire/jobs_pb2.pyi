@@ -110,6 +110,7 @@ class JobStatus(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     TERM_FIELD_NUMBER: _builtins.int
     ENERGY_SOURCE_FIELD_NUMBER: _builtins.int
+    ENERGY_JSON_FIELD_NUMBER: _builtins.int
     CHECKPOINTS_FIELD_NUMBER: _builtins.int
     RECOVERIES_JSON_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
@@ -130,6 +131,8 @@ class JobStatus(_message.Message):
     term: _builtins.int
     energy_source: _builtins.str
     """Energy model label: "model" (estimated) or "meter" (measured); empty before any step."""
+    energy_json: _builtins.str
+    """Joules per device ID with their source, as JSON: {"device": {"joules": J, "source": "..."}}."""
     recoveries_json: _builtins.str
     """The recoveries so far, as JSON (cetd/daemon/job_store.py Recovery): what failed, when, how long."""
     @_builtins.property
@@ -155,12 +158,13 @@ class JobStatus(_message.Message):
         finished_at: _builtins.float = ...,
         term: _builtins.int = ...,
         energy_source: _builtins.str = ...,
+        energy_json: _builtins.str = ...,
         checkpoints: _abc.Iterable[_builtins.int] | None = ...,
         recoveries_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "created_at", b"created_at", "energy_source", b"energy_source", "finished_at", b"finished_at", "job_id", b"job_id", "joules_per_sample", b"joules_per_sample", "last_loss", b"last_loss", "output", b"output", "plan_json", b"plan_json", "reason", b"reason", "recoveries_json", b"recoveries_json", "seconds_per_sample", b"seconds_per_sample", "spec_json", b"spec_json", "state", b"state", "steps_done", b"steps_done", "steps_total", b"steps_total", "submitter_id", b"submitter_id", "term", b"term"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "created_at", b"created_at", "energy_json", b"energy_json", "energy_source", b"energy_source", "finished_at", b"finished_at", "job_id", b"job_id", "joules_per_sample", b"joules_per_sample", "last_loss", b"last_loss", "output", b"output", "plan_json", b"plan_json", "reason", b"reason", "recoveries_json", b"recoveries_json", "seconds_per_sample", b"seconds_per_sample", "spec_json", b"spec_json", "state", b"state", "steps_done", b"steps_done", "steps_total", b"steps_total", "submitter_id", b"submitter_id", "term", b"term"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -426,16 +430,90 @@ Global___ConnectWorkerRequest: _TypeAlias = ConnectWorkerRequest  # noqa: Y015
 class WorkerAck(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    CPU_SECONDS_FIELD_NUMBER: _builtins.int
+    WALL_SECONDS_FIELD_NUMBER: _builtins.int
+    JOULES_FIELD_NUMBER: _builtins.int
+    ENERGY_SOURCE_FIELD_NUMBER: _builtins.int
+    cpu_seconds: _builtins.float
+    """StopWorker: what the stopped worker used on its device (for the job's energy account)."""
+    wall_seconds: _builtins.float
+    joules: _builtins.float
+    """Measured joules when the device has a meter (energy_source "meter:<kind>"), else 0."""
+    energy_source: _builtins.str
     def __init__(
         self,
+        *,
+        cpu_seconds: _builtins.float = ...,
+        wall_seconds: _builtins.float = ...,
+        joules: _builtins.float = ...,
+        energy_source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_seconds", b"cpu_seconds", "energy_source", b"energy_source", "joules", b"joules", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerAck: _TypeAlias = WorkerAck  # noqa: Y015
+
+@_typing.final
+class PlanRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_JSON_FIELD_NUMBER: _builtins.int
+    REMOVE_FIELD_NUMBER: _builtins.int
+    ADD_JSON_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_JSON_FIELD_NUMBER: _builtins.int
+    spec_json: _builtins.str
+    add_json: _builtins.str
+    description_json: _builtins.str
+    """Filled in by the daemon that asks the coordinator (the model described on the submitting device)."""
+    @_builtins.property
+    def remove(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Device IDs to pretend gone, and JSON list of hypothetical devices
+        ({"device_id", "memory_bytes", "cores", "block_seconds"?, "power_profile"?}) to pretend joined.
+        """
+
+    def __init__(
+        self,
+        *,
+        spec_json: _builtins.str = ...,
+        remove: _abc.Iterable[_builtins.str] | None = ...,
+        add_json: _builtins.str = ...,
+        description_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_json", b"add_json", "description_json", b"description_json", "remove", b"remove", "spec_json", b"spec_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanRequest: _TypeAlias = PlanRequest  # noqa: Y015
+
+@_typing.final
+class PlanResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_JSON_FIELD_NUMBER: _builtins.int
+    PREDICTION_JSON_FIELD_NUMBER: _builtins.int
+    LEFT_OUT_JSON_FIELD_NUMBER: _builtins.int
+    plan_json: _builtins.str
+    prediction_json: _builtins.str
+    left_out_json: _builtins.str
+    def __init__(
+        self,
+        *,
+        plan_json: _builtins.str = ...,
+        prediction_json: _builtins.str = ...,
+        left_out_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["left_out_json", b"left_out_json", "plan_json", b"plan_json", "prediction_json", b"prediction_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanResponse: _TypeAlias = PlanResponse  # noqa: Y015
 
 @_typing.final
 class JobReport(_message.Message):

@@ -94,6 +94,11 @@ class JobsStub:
                 request_serializer=cetd_dot_wire_dot_jobs__pb2.DrainRequest.SerializeToString,
                 response_deserializer=cetd_dot_wire_dot_jobs__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.Plan = channel.unary_unary(
+                '/cetd.v1.Jobs/Plan',
+                request_serializer=cetd_dot_wire_dot_jobs__pb2.PlanRequest.SerializeToString,
+                response_deserializer=cetd_dot_wire_dot_jobs__pb2.PlanResponse.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
@@ -173,6 +178,13 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Plan(self, request, context):
+        """cetctl plan --what-if: the plan and its forecast, without running anything.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -235,6 +247,11 @@ def add_JobsServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=cetd_dot_wire_dot_jobs__pb2.DrainRequest.FromString,
                     response_serializer=cetd_dot_wire_dot_jobs__pb2.DrainResponse.SerializeToString,
+            ),
+            'Plan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=cetd_dot_wire_dot_jobs__pb2.PlanRequest.FromString,
+                    response_serializer=cetd_dot_wire_dot_jobs__pb2.PlanResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -561,6 +578,33 @@ class Jobs:
             '/cetd.v1.Jobs/Drain',
             cetd_dot_wire_dot_jobs__pb2.DrainRequest.SerializeToString,
             cetd_dot_wire_dot_jobs__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cetd.v1.Jobs/Plan',
+            cetd_dot_wire_dot_jobs__pb2.PlanRequest.SerializeToString,
+            cetd_dot_wire_dot_jobs__pb2.PlanResponse.FromString,
             options,
             channel_credentials,
             insecure,

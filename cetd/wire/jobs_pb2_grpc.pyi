@@ -51,6 +51,8 @@ class JobsStub:
     """To a job's submitter: move the job off a device at the next step boundary (checkpoint, re-plan)."""
     Drain: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.DrainRequest, _jobs_pb2.DrainResponse]
     """To any member (forwarded to the coordinator): keep a device out of plans and move its jobs off it."""
+    Plan: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.PlanRequest, _jobs_pb2.PlanResponse]
+    """cetctl plan --what-if: the plan and its forecast, without running anything."""
 
 @_typing.type_check_only
 class JobsAsyncStub(JobsStub):
@@ -69,6 +71,8 @@ class JobsAsyncStub(JobsStub):
     """To a job's submitter: move the job off a device at the next step boundary (checkpoint, re-plan)."""
     Drain: _aio.UnaryUnaryMultiCallable[_jobs_pb2.DrainRequest, _jobs_pb2.DrainResponse]  # type: ignore[assignment]
     """To any member (forwarded to the coordinator): keep a device out of plans and move its jobs off it."""
+    Plan: _aio.UnaryUnaryMultiCallable[_jobs_pb2.PlanRequest, _jobs_pb2.PlanResponse]  # type: ignore[assignment]
+    """cetctl plan --what-if: the plan and its forecast, without running anything."""
 
 class JobsServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -156,5 +160,13 @@ class JobsServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.DrainResponse, _abc.Awaitable[_jobs_pb2.DrainResponse]]:
         """To any member (forwarded to the coordinator): keep a device out of plans and move its jobs off it."""
+
+    @_abc_1.abstractmethod
+    def Plan(
+        self,
+        request: _jobs_pb2.PlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.PlanResponse, _abc.Awaitable[_jobs_pb2.PlanResponse]]:
+        """cetctl plan --what-if: the plan and its forecast, without running anything."""
 
 def add_JobsServicer_to_server(servicer: JobsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -88,6 +88,9 @@ def write_config(path: Path, *, state_dir: Path, name: str, host: str, extra: di
                    "enroll_port": 0, "log_level": "info"},
         "discovery": {"interfaces": [host]},
         "membership": dict(FAST_MEMBERSHIP),
+        # Background profiling would compete with the timing-sensitive tests for the two cores;
+        # tests that need it turn it on.
+        "device": {"profile": False},
     }
     for section, values in (extra or {}).items():
         sections.setdefault(section, {}).update(values)

@@ -1,0 +1,104 @@
+"""Profiling, what-if planning, energy accounting and the energy objective, through real daemons."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.reference import write_text_data
+from tests.integration.rig import Household, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def household(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Household]:
+    root = tmp_path_factory.mktemp("planning")
+    # Device 2 profiles itself (a few seconds of one job process); the others keep the cores free. The
+    # power profiles make the household unequal in energy: a desktop and two Raspberry Pi 4 boards.
+    per_daemon = [{"device": {"power_profile": "desktop"}}, {"device": {"power_profile": "raspberry-pi-4"}},
+                  {"device": {"profile": True, "power_profile": "raspberry-pi-4"}}]
+    with Household.create(root, 3, extra={"training": {"worker_threads": 1}}, per_daemon=per_daemon) as house:
+        house.start_all()
+        wait_until(house.agreed_coordinator, 20, what="a coordinator")
+        yield house
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_text_data(tmp_path_factory.mktemp("data") / "text.jsonl")
+
+
+def peer(view: dict[str, Any], device_id: str | None) -> dict[str, Any]:
+    return next(p for p in view["peers"] if p["device_id"] == device_id)
+
+
+@pytest.mark.timeout(180)
+def test_profile_and_links_are_measured_and_shown(household: Household) -> None:
+    profiled = household.daemons[2]
+    view = wait_until(lambda: (v := household.daemons[0].peers()) and
+                      peer(v, profiled.device_id)["capabilities"]["block_seconds"] > 0 and v, 120, interval=1,
+                      what="the profiled block time to reach the other daemons")
+    block = peer(view, profiled.device_id)["capabilities"]["block_seconds"]
+    assert 1e-4 < block < 1.0, block  # seconds per sample of a GPT-2-small block on a CPU core
+    assert all(p["capabilities"]["power_profile"] for p in view["peers"] if p["state"] == "alive")
+    links = wait_until(lambda: [p["link"] for p in household.daemons[0].peers()["peers"]
+                                if p["link"]["bandwidth_bytes_per_second"] > 0], 60, interval=1,
+                       what="a measured link")
+    assert links[0]["bandwidth_bytes_per_second"] > 1e6  # loopback over mutual TLS: well above 1 MB/s
+    assert 0 < links[0]["latency_seconds"] < 0.5
+
+
+@pytest.mark.timeout(180)
+def test_what_if_plans_without_running(household: Household, data: Path) -> None:
+    base = ["plan", "--model", "gpt2-tiny", "--data", str(data), "--batch", "8", "--micro-batches", "4",
+            "--seq-len", "16", "--parallelism", "pipeline", "--devices", "3"]
+    answer = json.loads(household.daemons[0].cetctl(*base).stdout)
+    plan, prediction = answer["plan"], answer["prediction"]
+    assert len(plan["workers"]) == 3
+    assert prediction["seconds_per_sample"] > 0
+    assert prediction["joules_per_sample"] > 0
+    assert set(prediction["memory_bytes"]) == {w["device_id"] for w in plan["workers"]}
+    gone = plan["workers"][0]["device_id"]
+    fewer = json.loads(household.daemons[0].cetctl(*base[:-2], "--devices", "2", "--remove", gone).stdout)
+    assert gone not in {w["device_id"] for w in fewer["plan"]["workers"]}
+    more = json.loads(household.daemons[0].cetctl(*base[:-2], "--devices", "4", "--add", "nas:4:16").stdout)
+    assert "nas" in {w["device_id"] for w in more["plan"]["workers"]}
+    assert not list((household.daemons[0].state_dir / "jobs").glob("job-*")), "a what-if must not start a job"
+    bad = household.daemons[0].cetctl(*base[:-2], "--devices", "2", "--add", "broken", check=False)
+    assert bad.returncode == 65
+    assert "NAME:CORES:MEMORY_GIB" in bad.stderr
+
+
+@pytest.mark.timeout(600)
+def test_energy_objective_picks_a_plan_that_uses_fewer_joules(household: Household, data: Path,
+                                                             tmp_path: Path) -> None:
+    # GPT-2 small is compute-bound here: for throughput the planner spreads it over the household, for
+    # energy it keeps it on one low-power board.
+    results: dict[str, dict[str, Any]] = {}
+    for objective in ("throughput", "energy"):
+        result = household.daemons[0].cetctl(
+            "train", "--model", "gpt2-small", "--data", str(data), "--steps", "3", "--batch", "8",
+            "--micro-batches", "4", "--seq-len", "16", "--objective", objective, "--devices", "0",
+            "--output", str(tmp_path / objective), timeout=400)
+        results[objective] = json.loads(result.stdout.splitlines()[-1])["job"]
+    throughput, energy = results["throughput"], results["energy"]
+    for job in (throughput, energy):
+        assert job["state"] == "succeeded"
+        assert job["joules_per_sample"] > 0
+        assert "model" in job["energy_source"], job["energy_source"]
+        assert "measured CPU time" in job["energy_source"]
+        assert job["energy"], "per-device energy"
+        assert all(row["joules_per_sample"] > 0 for row in job["energy"].values())
+        assert job["plan"]["objective"] in ("throughput", "energy")
+    print(f"\n[objective] throughput plan: {throughput['plan']['parallelism']}×{len(throughput['plan']['workers'])} "
+          f"{throughput['seconds_per_sample']:.4f} s/sample {throughput['joules_per_sample']:.3f} J/sample; "
+          f"energy plan: {energy['plan']['parallelism']}×{len(energy['plan']['workers'])} "
+          f"{energy['seconds_per_sample']:.4f} s/sample {energy['joules_per_sample']:.3f} J/sample")
+    assert throughput["plan"]["workers"] != energy["plan"]["workers"], "the objectives should disagree here"
+    assert energy["joules_per_sample"] < throughput["joules_per_sample"]
+    assert "energy" in energy["plan"]["reason"] or "J/sample" in energy["plan"]["reason"]
