@@ -147,14 +147,15 @@ async def cmd_status(client: PeerClient, args: argparse.Namespace) -> int:
             console.print(table)
         if data["recoveries"]:
             table = Table(title="recoveries")
-            for column in ("when", "what failed", "step", "resumed from", "redone", "re-plan", "reload", "warm-up",
-                           "recovered in"):
+            for column in ("when", "failed at", "resumed from", "redone", "re-plan", "reload", "warm-up", "total"):
                 table.add_column(column)
             for r in data["recoveries"]:
-                table.add_row(time.strftime("%H:%M:%S", time.localtime(r["at"])), r["cause"], str(r["failed_step"]),
-                              str(r["resumed_from"]), str(r["steps_redone"]), f"{r['replan_s']:.1f} s",
+                table.add_row(time.strftime("%H:%M:%S", time.localtime(r["at"])), f"step {r['failed_step']}",
+                              f"step {r['resumed_from']}", str(r["steps_redone"]), f"{r['replan_s']:.1f} s",
                               f"{r['reload_s']:.1f} s", f"{r['warmup_s']:.1f} s", f"{r['recovered_s']:.1f} s")
             console.print(table)
+            for number, r in enumerate(data["recoveries"], 1):
+                console.print(f"  {number}. {r['cause']}")
     return 0
 
 

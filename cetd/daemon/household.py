@@ -233,11 +233,10 @@ class HouseholdNode:
         try:
             while True:
                 started = time.monotonic()
-                await self._resolve_static_peers()
-                targets = [p for p in self._addresses.values() if p.device_id not in self.roster.roster.revoked]
-                if targets:
-                    await asyncio.gather(*(self._heartbeat_peer(p) for p in targets))
-                self.tick()
+                try:
+                    await self._heartbeat_round()
+                except Exception:  # a bug in one round must not take the daemon's membership down
+                    logger.exception("heartbeat round failed; going on")
                 await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
         finally:
             probes.cancel()
@@ -248,6 +247,13 @@ class HouseholdNode:
             await asyncio.gather(*self._pulls, return_exceptions=True)
             for device_id in list(self._clients):
                 self._drop_client(device_id)
+
+    async def _heartbeat_round(self) -> None:
+        await self._resolve_static_peers()
+        targets = [p for p in self._addresses.values() if p.device_id not in self.roster.roster.revoked]
+        if targets:
+            await asyncio.gather(*(self._heartbeat_peer(p) for p in targets))
+        self.tick()
 
     def tick(self) -> None:
         """Feed the election the peers that are not dead; log role changes."""

@@ -6,6 +6,7 @@ Each `PeerClient` keeps one grpc.aio channel for the life of the peer; gRPC erro
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable
 from datetime import timedelta
@@ -51,10 +52,22 @@ def error_from_rpc(error: grpc.aio.AioRpcError, target: str) -> CetdError:
 
 
 async def call_rpc(target: str, call: Awaitable[T]) -> T:
+    """Await a call; failures become `CetdError`s.
+
+    A call cancelled because its channel was closed under it (the peer moved to a new address, or the
+    client is being replaced) is a failure of that call, not a cancellation of the caller: it becomes
+    `UnavailableError`. A cancellation of the calling task itself propagates as usual.
+    """
     try:
         return await call
     except grpc.aio.AioRpcError as error:
         raise error_from_rpc(error, target) from None
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        cancelling = getattr(task, "cancelling", None)
+        if cancelling is not None and not cancelling():
+            raise UnavailableError(f"{target}: the call was cancelled (its channel closed)") from None
+        raise
 
 
 class PeerClient:
