@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from cetd.identity import (
 from cetd.ids import DeviceId
 
 REPO = Path(__file__).resolve().parents[2]
+_ROLE_LINE = re.compile(r"^(?P<time>\S+ \S+) .*role (?P<role>\w+), term (?P<term>\d+), coordinator (?P<coordinator>\S+)")
 
 HOUSEHOLD_NAME = "The Smith Family"
 
@@ -210,6 +213,27 @@ class DaemonProcess:
         except FileNotFoundError:
             return ""
 
+    def role_changes(self) -> list[tuple[float, str, int, str]]:
+        """(epoch time, role, term, coordinator) of every role change the daemon logged.
+
+        Timings are read from the daemons' own logs rather than by polling them, so that the cost of
+        asking (a subprocess per question inside a namespace) never inflates what is measured.
+        """
+        changes = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            match = _ROLE_LINE.search(line)
+            if match:
+                stamp = datetime.strptime(match["time"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                changes.append((stamp, match["role"], int(match["term"]), match["coordinator"]))
+        return changes
+
+    def started_serving(self) -> float:
+        """Epoch time of the last "serving on" line (the latest start)."""
+        stamps = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                  for line in self.log_path.read_text(errors="replace").splitlines() if " serving on " in line]
+        assert stamps, f"{self.name} never served"
+        return stamps[-1]
+
     def cetctl(self, *args: str, check: bool = True, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
         """Run the real `cetctl` against this daemon, with --json."""
         result = subprocess.run(
@@ -313,6 +337,16 @@ class Household:
                 view = daemon.peers()
                 views[daemon.name] = (int(view["term"]), view["coordinator_id"])
         return views
+
+    def agreement_time(self, coordinator: str, term: int, daemons: Sequence[DaemonProcess] | None = None) -> float:
+        """When the last of ``daemons`` logged that it follows (or is) ``coordinator`` in ``term``."""
+        times = []
+        for daemon in daemons or self.daemons:
+            matching = [t for t, _, logged_term, who in daemon.role_changes() if who == coordinator and
+                        logged_term == term]
+            assert matching, f"{daemon.name} never logged term {term} of {coordinator}"
+            times.append(min(matching))
+        return max(times)
 
     def agreed_coordinator(self, daemons: Sequence[DaemonProcess] | None = None) -> tuple[int, str] | None:
         """The (term, coordinator) when every given running daemon names the same one, else None."""
