@@ -24,13 +24,13 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cetd.errors import JobError
+from cetd.identity.keys import fsync_directory, write_file_atomic
 from cetd.runtime.spec import JobPlan, JobSpec, from_json
 
 if TYPE_CHECKING:
@@ -192,40 +192,6 @@ def disk_error(step: int, error: OSError, path: Path | str | None = None) -> Che
     return CheckpointError(f"checkpoint at step {step} could not be written: {reason}{suffix}")
 
 
-def _fsync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file, the whole new one, or none.
-
-    Temp file in the same folder, fsync, rename over ``path``, fsync of the folder. On failure the
-    temp file is removed and ``path`` is left as it was.
-
-    Raises:
-        OSError: the write failed (full disk, I/O error, permissions).
-    """
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            view = memoryview(data)
-            while view:
-                written = handle.write(view)
-                view = view[written:]
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        raise
-    _fsync_folder(path.parent)
-
-
 def prepare_folder(folder: Path, *, step: int) -> None:
     """Create a checkpoint folder for writing; a manifest already there is removed first (fsynced), so
     the folder is never complete while its shards are being replaced.
@@ -238,7 +204,7 @@ def prepare_folder(folder: Path, *, step: int) -> None:
         manifest = folder / MANIFEST_NAME
         if manifest.exists():
             manifest.unlink()
-            _fsync_folder(folder)
+            fsync_directory(folder)
     except OSError as error:
         raise disk_error(step, error, folder) from error
 
