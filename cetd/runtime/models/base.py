@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -90,9 +90,25 @@ class StageModule(nn.Module, ABC):
     def embed(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Token (and position) embeddings of the micro-batch."""
 
-    @abstractmethod
+    blocks_path: ClassVar[str]
+    """Module path of the model's block list, e.g. ``transformer.h``."""
+    causal: ClassVar[bool] = False
+    """Whether blocks attend only to earlier positions (the stage builds the causal mask itself)."""
+
+    def call_block(self, block: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> Any:
+        """Run one block the way the family's own model calls it."""
+        return block(hidden, mask)
+
     def run_blocks(self, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """This stage's blocks."""
+        """This stage's blocks, with the (causal) additive mask built here, so no stage depends on the
+        attention implementation's own masking."""
+        if self.end_block == self.start_block:
+            return hidden
+        mask = additive_mask(attention_mask_of(batch, hidden), causal=self.causal, dtype=hidden.dtype,
+                             device=hidden.device)
+        for i in range(self.start_block, self.end_block):
+            hidden = block_output(self.call_block(self.part(f"{self.blocks_path}.{i}"), hidden, mask))
+        return hidden
 
     @abstractmethod
     def head_logits(self, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -165,38 +181,44 @@ class ModelAdapter(ABC):
 
     task: str
     """``"causal_lm"`` or ``"sequence_classification"``: what the data loader must produce."""
+    stage_class: ClassVar[type[StageModule]]
+    """The family's stage, built as ``stage_class(model, start, end, first=, last=)``; its
+    ``blocks_path`` locates the blocks."""
+    config_names: ClassVar[tuple[str, str, str]]
+    """The config's names for hidden size, maximum positions and attention heads."""
 
     def __init__(self, config: Any, dtype: torch.dtype) -> None:
         self.config = config
         self.dtype = dtype
 
-    @abstractmethod
     def num_blocks(self, model: nn.Module) -> int:
         """Number of transformer blocks."""
+        return len(list(model.get_submodule(self.stage_class.blocks_path).children()))
 
-    @abstractmethod
     def block_path(self, index: int) -> str:
         """Full module path of block ``index``, e.g. ``transformer.h.3``."""
+        return f"{self.stage_class.blocks_path}.{index}"
 
-    @abstractmethod
     def _build_stage(self, model: nn.Module, start: int, end: int, *, first: bool, last: bool) -> StageModule:
         """Build the family's stage, sharing the model's modules."""
+        build: Callable[..., StageModule] = self.stage_class  # family stages take (model, start, end, ...)
+        return build(model, start, end, first=first, last=last)
 
-    @abstractmethod
     def hidden_size(self) -> int:
         """Width of the activations handed between stages."""
+        return int(getattr(self.config, self.config_names[0]))
 
-    @abstractmethod
     def max_seq_len(self) -> int:
         """Longest sequence the position embeddings cover."""
+        return int(getattr(self.config, self.config_names[1]))
 
     @abstractmethod
     def block_shard_plan(self) -> BlockShardPlan:
         """Where tensor parallelism splits a block."""
 
-    @abstractmethod
     def num_heads(self) -> int:
         """Attention heads per block."""
+        return int(getattr(self.config, self.config_names[2]))
 
     def make_stage(
         self,

@@ -16,15 +16,14 @@ from cetd.runtime.models.base import (
     BlockShardPlan,
     ModelAdapter,
     StageModule,
-    additive_mask,
-    attention_mask_of,
-    block_output,
     classification_loss,
 )
 
 
 class BertStage(StageModule):
     """A contiguous range of a `BertForSequenceClassification`."""
+
+    blocks_path = "bert.encoder.layer"
 
     def __init__(self, model: Any, start: int, end: int, *, first: bool, last: bool) -> None:
         if last and model.bert.pooler is None:
@@ -60,13 +59,6 @@ class BertStage(StageModule):
         )
         return out
 
-    def run_blocks(self, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self.end_block == self.start_block:
-            return hidden
-        mask = additive_mask(attention_mask_of(batch, hidden), causal=False, dtype=hidden.dtype, device=hidden.device)
-        for i in range(self.start_block, self.end_block):
-            hidden = block_output(self.part(f"bert.encoder.layer.{i}")(hidden, mask))
-        return hidden
 
     def head_logits(self, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         pooled = self.part("dropout")(self.part("bert.pooler")(hidden))
@@ -81,24 +73,8 @@ class BertAdapter(ModelAdapter):
     """Adapter for `BertForSequenceClassification`."""
 
     task = "sequence_classification"
-
-    def num_blocks(self, model: nn.Module) -> int:
-        return len(list(model.get_submodule("bert.encoder.layer").children()))
-
-    def block_path(self, index: int) -> str:
-        return f"bert.encoder.layer.{index}"
-
-    def _build_stage(self, model: nn.Module, start: int, end: int, *, first: bool, last: bool) -> StageModule:
-        return BertStage(model, start, end, first=first, last=last)
-
-    def hidden_size(self) -> int:
-        return int(self.config.hidden_size)
-
-    def max_seq_len(self) -> int:
-        return int(self.config.max_position_embeddings)
-
-    def num_heads(self) -> int:
-        return int(self.config.num_attention_heads)
+    stage_class = BertStage
+    config_names = ('hidden_size', 'max_position_embeddings', 'num_attention_heads')
 
     def block_shard_plan(self) -> BlockShardPlan:
         return BlockShardPlan(

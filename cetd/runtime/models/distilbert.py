@@ -16,15 +16,14 @@ from cetd.runtime.models.base import (
     BlockShardPlan,
     ModelAdapter,
     StageModule,
-    additive_mask,
-    attention_mask_of,
-    block_output,
     classification_loss,
 )
 
 
 class DistilBertStage(StageModule):
     """A contiguous range of a `DistilBertForSequenceClassification`."""
+
+    blocks_path = "distilbert.transformer.layer"
 
     def __init__(self, model: Any, start: int, end: int, *, first: bool, last: bool) -> None:
         keys = {"input_ids"} if first else set()
@@ -56,13 +55,6 @@ class DistilBertStage(StageModule):
         out: torch.Tensor = self.part("distilbert.embeddings")(batch["input_ids"])
         return out
 
-    def run_blocks(self, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self.end_block == self.start_block:
-            return hidden
-        mask = additive_mask(attention_mask_of(batch, hidden), causal=False, dtype=hidden.dtype, device=hidden.device)
-        for i in range(self.start_block, self.end_block):
-            hidden = block_output(self.part(f"distilbert.transformer.layer.{i}")(hidden, mask))
-        return hidden
 
     def head_logits(self, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         pooled = torch.relu(self.part("pre_classifier")(hidden[:, 0]))
@@ -77,24 +69,8 @@ class DistilBertAdapter(ModelAdapter):
     """Adapter for `DistilBertForSequenceClassification`."""
 
     task = "sequence_classification"
-
-    def num_blocks(self, model: nn.Module) -> int:
-        return len(list(model.get_submodule("distilbert.transformer.layer").children()))
-
-    def block_path(self, index: int) -> str:
-        return f"distilbert.transformer.layer.{index}"
-
-    def _build_stage(self, model: nn.Module, start: int, end: int, *, first: bool, last: bool) -> StageModule:
-        return DistilBertStage(model, start, end, first=first, last=last)
-
-    def hidden_size(self) -> int:
-        return int(self.config.dim)
-
-    def max_seq_len(self) -> int:
-        return int(self.config.max_position_embeddings)
-
-    def num_heads(self) -> int:
-        return int(self.config.n_heads)
+    stage_class = DistilBertStage
+    config_names = ('dim', 'max_position_embeddings', 'n_heads')
 
     def block_shard_plan(self) -> BlockShardPlan:
         return BlockShardPlan(

@@ -16,9 +16,6 @@ from cetd.runtime.models.base import (
     BlockShardPlan,
     ModelAdapter,
     StageModule,
-    additive_mask,
-    attention_mask_of,
-    block_output,
     causal_lm_loss,
 )
 
@@ -27,6 +24,12 @@ _EMBEDDING = "transformer.wte.weight"
 
 class GPT2Stage(StageModule):
     """A contiguous range of a `GPT2LMHeadModel`."""
+
+    blocks_path = "transformer.h"
+    causal = True
+
+    def call_block(self, block: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> Any:
+        return block(hidden, None, mask)  # positional (hidden, cache, attention_mask), as GPT2Model calls it
 
     def __init__(self, model: Any, start: int, end: int, *, first: bool, last: bool) -> None:
         tied = model.lm_head.weight is model.transformer.wte.weight
@@ -63,14 +66,6 @@ class GPT2Stage(StageModule):
         out: torch.Tensor = self.part("transformer.drop")(hidden)
         return out
 
-    def run_blocks(self, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self.end_block == self.start_block:
-            return hidden
-        mask = additive_mask(attention_mask_of(batch, hidden), causal=True, dtype=hidden.dtype, device=hidden.device)
-        for i in range(self.start_block, self.end_block):
-            # Positional (hidden, cache, attention_mask), as GPT2Model calls it.
-            hidden = block_output(self.part(f"transformer.h.{i}")(hidden, None, mask))
-        return hidden
 
     def head_logits(self, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         logits: torch.Tensor = self.part("lm_head")(self.part("transformer.ln_f")(hidden))
@@ -84,24 +79,8 @@ class GPT2Adapter(ModelAdapter):
     """Adapter for `GPT2LMHeadModel`."""
 
     task = "causal_lm"
-
-    def num_blocks(self, model: nn.Module) -> int:
-        return len(list(model.get_submodule("transformer.h").children()))
-
-    def block_path(self, index: int) -> str:
-        return f"transformer.h.{index}"
-
-    def _build_stage(self, model: nn.Module, start: int, end: int, *, first: bool, last: bool) -> StageModule:
-        return GPT2Stage(model, start, end, first=first, last=last)
-
-    def hidden_size(self) -> int:
-        return int(self.config.n_embd)
-
-    def max_seq_len(self) -> int:
-        return int(self.config.n_positions)
-
-    def num_heads(self) -> int:
-        return int(self.config.n_head)
+    stage_class = GPT2Stage
+    config_names = ('n_embd', 'n_positions', 'n_head')
 
     def block_shard_plan(self) -> BlockShardPlan:
         return BlockShardPlan(

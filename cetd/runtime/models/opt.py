@@ -18,9 +18,7 @@ from cetd.runtime.models.base import (
     BlockShardPlan,
     ModelAdapter,
     StageModule,
-    additive_mask,
     attention_mask_of,
-    block_output,
     causal_lm_loss,
 )
 
@@ -30,6 +28,12 @@ _EMBEDDING = f"{_DECODER}.embed_tokens.weight"
 
 class OPTStage(StageModule):
     """A contiguous range of an `OPTForCausalLM`."""
+
+    blocks_path = f"{_DECODER}.layers"
+    causal = True
+
+    def call_block(self, block: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> Any:
+        return block(hidden, attention_mask=mask)
 
     def __init__(self, model: Any, start: int, end: int, *, first: bool, last: bool) -> None:
         decoder = model.model.decoder
@@ -78,13 +82,6 @@ class OPTStage(StageModule):
             tokens = project_in(tokens)
         return tokens + position_embeds
 
-    def run_blocks(self, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self.end_block == self.start_block:
-            return hidden
-        mask = additive_mask(attention_mask_of(batch, hidden), causal=True, dtype=hidden.dtype, device=hidden.device)
-        for i in range(self.start_block, self.end_block):
-            hidden = block_output(self.part(f"{_DECODER}.layers.{i}")(hidden, attention_mask=mask))
-        return hidden
 
     def head_logits(self, hidden: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         for name in ("final_layer_norm", "project_out"):
@@ -102,24 +99,8 @@ class OPTAdapter(ModelAdapter):
     """Adapter for `OPTForCausalLM`."""
 
     task = "causal_lm"
-
-    def num_blocks(self, model: nn.Module) -> int:
-        return len(list(model.get_submodule(f"{_DECODER}.layers").children()))
-
-    def block_path(self, index: int) -> str:
-        return f"{_DECODER}.layers.{index}"
-
-    def _build_stage(self, model: nn.Module, start: int, end: int, *, first: bool, last: bool) -> StageModule:
-        return OPTStage(model, start, end, first=first, last=last)
-
-    def hidden_size(self) -> int:
-        return int(self.config.hidden_size)
-
-    def max_seq_len(self) -> int:
-        return int(self.config.max_position_embeddings)
-
-    def num_heads(self) -> int:
-        return int(self.config.num_attention_heads)
+    stage_class = OPTStage
+    config_names = ("hidden_size", "max_position_embeddings", "num_attention_heads")
 
     def block_shard_plan(self) -> BlockShardPlan:
         return BlockShardPlan(
