@@ -132,3 +132,26 @@ def test_a_model_no_device_can_train_alone_trains_over_four(tmp_path: Path, text
             job = events[-1]["job"]
             assert len(job["plan"]["workers"]) == 4
             assert max(job["plan"]["estimated_memory_bytes"].values()) <= cap
+
+
+@pytest.mark.timeout(300)
+def test_cancel_stops_the_job_everywhere(household: Household, text: Path) -> None:
+    submitter = household.daemons[0]
+    process = submitter.submit("--model", "gpt2-tiny", "--data", str(text), "--steps", "100000", "--batch", "4",
+                               "--micro-batches", "2", "--seq-len", "16", "--parallelism", "pipeline", "--devices",
+                               "3")
+    assert process.stdout is not None
+    job_id = json.loads(process.stdout.readline())["job"]["job_id"]
+    wait_until(lambda: submitter.job(job_id)["steps_done"] >= 2, 120, interval=0.1, what="the job to run")
+    # Cancelled from another member: forwarded to the submitter.
+    cancelled = json.loads(household.daemons[1].cetctl("cancel", job_id).stdout)
+    assert cancelled["state"] == "cancelled"
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "cancelled" in stderr
+
+    def no_job_processes() -> bool:
+        return all(not psutil.Process(d.proc.pid).children(recursive=True) for d in household.daemons if d.proc)
+
+    wait_until(no_job_processes, 15, what="every job process stopped")
+    assert_healthy(household)
