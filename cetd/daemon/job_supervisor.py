@@ -71,6 +71,10 @@ class JobSupervisor:
         self._spec = from_json(JobSpec, stored.spec_json)
         self._current: Incarnation | None = None
         self._leaving: set[str] = set()
+        self._fatal = ""
+        """Set when a worker reported a failure that re-planning cannot help."""
+        self._crashed = ""
+        """The device whose worker reported failing on its own (not because a peer's stream ended)."""
         self._requested_workers = 0
         self._seconds = 0.0
         self._samples = 0
@@ -108,6 +112,7 @@ class JobSupervisor:
                     continue
                 plan = from_json(JobPlan, launch.plan_json)
                 self._requested_workers = self._requested_workers or len(plan.workers)
+                self._crashed = ""
                 self._current = Incarnation(plan=plan, term=launch.term, started=time.monotonic(),
                                             devices={w.device_id for w in plan.workers})
                 self._record.devices = len(plan.workers)
@@ -131,7 +136,11 @@ class JobSupervisor:
                     self._manager.finish(self._record, JobState.SUCCEEDED, "", output=str(event.get("output", "")))
                     self._save()
                     return
-                self._account(await self._manager.stop_workers(plan), plan, final=False)
+                usage = await self._manager.stop_workers(plan)
+                self._account(usage, plan, final=False)
+                fatal = [self._fatal] if self._fatal else [u.failure for u in usage.values() if u.fatal]
+                if fatal:
+                    raise JobError(fatal[0])
                 resume = bool(self._stored.checkpoints)
                 if outcome == "paused":
                     self._set_state(JobState.PAUSED, str(event.get("reason")))
@@ -141,7 +150,7 @@ class JobSupervisor:
                 # lost: a device failed or is leaving; the next incarnation resumes without it.
                 if len(self._stored.recoveries) >= MAX_RECOVERIES:
                     raise JobError(f"gave up after {MAX_RECOVERIES} recoveries; last: {event.get('reason')}")
-                failed_device = self._failed_device(plan, event)
+                failed_device = "" if event.get("migrated") else await self._blame(plan, event)
                 exclude = {failed_device} if failed_device and not event.get("migrated") else set()
                 checkpoint = int(event.get("checkpoint_step") or 0)
                 failed_step = int(event.get("last_step") or 0) + 1
@@ -264,6 +273,21 @@ class JobSupervisor:
                 with contextlib.suppress(CetdError, ConnectionError):
                     await self._driver.send({"abort": reason})
 
+    async def worker_failed(self, device_id: str, reason: str, fatal: bool) -> None:
+        """A worker process of the current plan failed on its device: abort the step now."""
+        current = self._current
+        if current is None or device_id not in current.devices:
+            return
+        if fatal:
+            self._fatal = reason
+        elif "ended its stream" not in reason and "could not reach peer" not in reason and not self._crashed:
+            self._crashed = device_id
+        if not current.aborted:
+            current.aborted = True
+            logger.warning("job %s: the worker on %s failed (%s); aborting the step", self.job_id, device_id, reason)
+            with contextlib.suppress(CetdError, ConnectionError):
+                await self._driver.send({"abort": f"the worker on device {device_id} failed: {reason}"})
+
     async def leave(self, device_id: str) -> bool:
         """Move the job off ``device_id`` (drain, shutdown): checkpoint at the next step and re-plan."""
         self._leaving.add(device_id)
@@ -285,13 +309,27 @@ class JobSupervisor:
                         self.job_id, len(candidates))
             self._manager.spawn(self._driver.send({"migrate": True}), "grow")
 
-    def _failed_device(self, plan: JobPlan, event: dict[str, Any]) -> str:
+    async def _blame(self, plan: JobPlan, event: dict[str, Any], settle: timedelta = timedelta(seconds=2)) -> str:
+        """Which device failed. A neighbour of a dead device fails too (its stream ended), so the first
+        failure report is a poor witness: heartbeats are asked first, given a moment to notice (a killed
+        device turns suspect within 1.5 s); then a worker that crashed on its own; then the rank the driver
+        was waiting on."""
+        devices = {w.device_id for w in plan.workers}
+        deadline = time.monotonic() + settle.total_seconds()
+        while True:
+            silent = sorted(d for d in devices if self._manager.peer_state(d) is not PeerState.ALIVE)
+            if silent:
+                return silent[0]
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.1)
+        if self._crashed:
+            return self._crashed
         rank = event.get("failed_rank")
         if isinstance(rank, int) and rank > 0:
             with contextlib.suppress(KeyError):
                 return plan.worker(rank).device_id
-        dead = [d for d in self.devices if self._manager.peer_state(d) is not PeerState.ALIVE]
-        return dead[0] if dead else ""
+        return ""
 
     def _set_state(self, state: JobState, reason: str) -> None:
         self._stored.state = state.value

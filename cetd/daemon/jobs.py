@@ -95,6 +95,8 @@ class JobManager:
         self._workers: dict[str, JobProcess] = {}
         self._worker_owner: dict[str, set[str]] = {}  # job → device IDs allowed to connect its worker
         self._worker_submitter: dict[str, str] = {}
+        self._worker_follow: dict[str, asyncio.Task[Any]] = {}
+        self._worker_failure: dict[str, tuple[str, bool]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -440,7 +442,8 @@ class JobManager:
         if self._meters:
             self._meter_start[key] = sum(r.joules for r in read_meters(self._meters))
         logger.info("worker rank %d of job %s listening on %s", launch.rank, launch.job_id, ready["address"])
-        self._spawn(self._follow_worker(key, process), f"worker-{key}")
+        self._worker_failure.pop(key, None)
+        self._worker_follow[key] = self._spawn(self._follow_worker(key, process), f"worker-{key}")
         return str(ready["address"])
 
     async def _follow_worker(self, job_id: str, process: JobProcess) -> None:
@@ -448,11 +451,34 @@ class JobManager:
             event = await process.next_event()
             process.note_cpu_seconds(float(event.get("cpu_seconds", 0.0)))
             if event.get("event") == "failed":
-                logger.error("worker of job %s failed: %s", job_id, event.get("reason"))
+                reason, fatal = str(event.get("reason")), bool(event.get("fatal"))
+                logger.error("worker of job %s failed: %s", job_id, reason)
+                self._worker_failure[job_id] = (reason, fatal)
+                if self._workers.get(job_id) is process:  # not stopped on purpose: tell the submitter now
+                    await self._tell_submitter_worker_failed(job_id, reason, fatal)
                 return
             if event.get("event") == "done":
                 logger.info("worker of job %s finished", job_id)
                 return
+
+    async def _tell_submitter_worker_failed(self, job_id: str, reason: str, fatal: bool) -> None:
+        submitter = self._worker_submitter.get(job_id, "")
+        try:
+            if submitter == self.me:
+                await self.worker_failed(job_id, self.me, reason, fatal, self.me)
+            elif submitter:
+                await self._client(submitter).worker_failed(job_id, self.me, reason, fatal)
+        except CetdError as error:
+            logger.warning("could not tell the submitter of %s that its worker failed: %s", job_id, error)
+
+    async def worker_failed(self, job_id: str, device_id: str, reason: str, fatal: bool, caller: DeviceId) -> None:
+        """Submitter: the worker of ``job_id`` on ``device_id`` failed; abort the running step now."""
+        if caller != device_id:
+            raise NotAuthorizedError(f"device {caller} reported a failure of device {device_id}'s worker")
+        record = self._jobs.get(job_id)
+        if record is None or record.supervisor is None:
+            return
+        await record.supervisor.worker_failed(device_id, reason, fatal)
 
     async def connect_worker(self, term: int, coordinator_id: str, job_id: str,
                              endpoints: tuple[WorkerEndpoint, ...], caller: DeviceId) -> None:
@@ -468,14 +494,20 @@ class JobManager:
         process = self._workers.pop(job_id, None)
         if process is None:
             return WorkerUsage()
+        follow = self._worker_follow.pop(job_id, None)
+        if follow is not None and not process.running:
+            # It ended by itself: let its last words (a failure reason) be read first.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(follow), 2.0)
         await process.stop()
+        failure, fatal = self._worker_failure.pop(job_id, ("", False))
         joules, source = 0.0, ""
         started = self._meter_start.pop(job_id, None)
         if started is not None and self._meters:
             readings = read_meters(self._meters)
             joules, source = sum(r.joules for r in readings) - started, readings[0].source
         return WorkerUsage(cpu_seconds=process.cpu_seconds(), wall_seconds=process.wall_seconds(), joules=joules,
-                           energy_source=source)
+                           energy_source=source, failure=failure, fatal=fatal)
 
     # -- leaving devices -----------------------------------------------------------------------------
 

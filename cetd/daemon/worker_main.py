@@ -38,7 +38,7 @@ from cetd.errors import CetdError
 from cetd.identity import StateDir, load_identity, load_roster, peer_device_id_from_pem
 from cetd.ids import JobId
 from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, StepReport, from_json, to_json
-from cetd.transport.channel import TransportError
+from cetd.transport.channel import TensorMismatch, TransportError
 from cetd.transport.credentials import TlsMaterial
 
 logger = logging.getLogger("cetd.worker")
@@ -177,6 +177,22 @@ def run_driver(launch: dict[str, Any], link: DaemonLink) -> None:
         return
 
 
+class _TruncatingChannel:
+    """Fault injection for tests (``CETD_FAULT=truncate-activations``): this worker sends every pipeline
+    activation one position short, as a buggy or mismatched peer would. Never set in production."""
+
+    def __init__(self, channel: Any) -> None:
+        self._channel = channel
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+    def send(self, peer: int, key: Any, tensor: Any) -> Any:
+        if key.name == "act" and tensor.dim() >= 2:
+            tensor = tensor[:, :-1].contiguous()
+        return self._channel.send(peer, key, tensor)
+
+
 def run_worker_process(launch: dict[str, Any], link: DaemonLink) -> None:
     from cetd.runtime.worker import run_worker
 
@@ -188,6 +204,8 @@ def run_worker_process(launch: dict[str, Any], link: DaemonLink) -> None:
         link.attach(channel)
         emit("ready", address=channel.address)
         channel.connect(_peers(link.next(), rank))
+        if os.environ.get("CETD_FAULT") == "truncate-activations":
+            channel = _TruncatingChannel(channel)
         run_worker(spec, plan, rank, description, channel, checkpoint_dir=Path(launch["checkpoint_dir"]),
                    device_id=launch["device_id"])
     emit("done", cpu_seconds=_cpu_seconds())
@@ -248,6 +266,10 @@ def main() -> int:
             run_profile(launch)
         else:
             run_worker_process(launch, link)
+    except TensorMismatch as error:
+        # A protocol violation: re-planning elsewhere would fail the same way, so it ends the job.
+        emit("failed", reason=str(error), fatal=True)
+        return 1
     except (CetdError, TransportError) as error:
         emit("failed", reason=str(error))
         return getattr(error, "exit_code", 1)

@@ -19,7 +19,7 @@ from typing import TypeVar, cast
 
 import torch
 
-from cetd.transport.channel import TensorKey, TensorSpec, TransportError
+from cetd.transport.channel import TensorKey, TensorMismatch, TensorSpec, TransportError
 
 __all__ = ["LocalPeerChannel", "make_local_channels", "run_on_local_ranks"]
 
@@ -106,7 +106,7 @@ class LocalPeerChannel:
                 self._mailboxes.condition.wait(remaining)
             tensor = self._mailboxes.pending.pop(slot)
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise TransportError(
+            raise TensorMismatch(
                 f"rank {self._rank} expected {key} from rank {peer} as {spec.dtype} {list(spec.shape)}, "
                 f"got {tensor.dtype} {list(tensor.shape)}"
             )

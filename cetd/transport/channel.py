@@ -67,3 +67,8 @@ class PeerChannel(Protocol):
 
 class TransportError(RuntimeError):
     """A peer sent something other than what was expected, failed, or did not answer in time."""
+
+
+class TensorMismatch(TransportError):
+    """A peer sent a tensor of another dtype or shape than the receiver expects: a protocol violation
+    (a bug, or two versions of cetd in one job), never a lost peer — retrying elsewhere will not help."""

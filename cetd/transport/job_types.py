@@ -112,6 +112,10 @@ class WorkerUsage:
     joules: float = 0.0
     """Measured by the device's meter, else 0."""
     energy_source: str = ""
+    failure: str = ""
+    """Why the worker failed, if it did."""
+    fatal: bool = False
+    """The failure is one re-planning cannot help (a peer violated the protocol)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

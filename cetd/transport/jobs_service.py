@@ -49,6 +49,8 @@ class JobsHandler(Protocol):
     async def drain(self, device_id: str, caller: DeviceId) -> list[str]: ...
     async def plan(self, spec_json: str, description_json: str, remove: tuple[str, ...], add_json: str,
                    caller: DeviceId) -> PlanAnswer: ...
+    async def worker_failed(self, job_id: str, device_id: str, reason: str, fatal: bool,
+                            caller: DeviceId) -> None: ...
 
 
 class JobsServicer(pb_grpc.JobsServicer):
@@ -93,7 +95,7 @@ class JobsServicer(pb_grpc.JobsServicer):
     async def StopWorker(self, request: pb.JobRequest, context: Context) -> pb.WorkerAck:
         usage = await answer(context, self._handler.stop_worker(request.job_id, CALLER.get()))
         return pb.WorkerAck(cpu_seconds=usage.cpu_seconds, wall_seconds=usage.wall_seconds, joules=usage.joules,
-                            energy_source=usage.energy_source)
+                            energy_source=usage.energy_source, failure=usage.failure, fatal=usage.fatal)
 
     async def Report(self, request: pb.JobReport, context: Context) -> pb.WorkerAck:
         await answer(context, self._handler.report(codec.status_from_wire(request.status), CALLER.get()))
@@ -114,6 +116,12 @@ class JobsServicer(pb_grpc.JobsServicer):
                                                           tuple(request.remove), request.add_json, CALLER.get()))
         return pb.PlanResponse(plan_json=result.plan_json, prediction_json=result.prediction_json,
                                left_out_json=result.left_out_json)
+
+
+    async def WorkerFailed(self, request: pb.WorkerFailure, context: Context) -> pb.WorkerAck:
+        await answer(context, self._handler.worker_failed(request.job_id, request.device_id, request.reason,
+                                                          request.fatal, CALLER.get()))
+        return pb.WorkerAck()
 
 
 def add_jobs_service(handler: JobsHandler) -> Any:
@@ -181,7 +189,7 @@ class JobsClient:
         reply = await call_rpc(self._target, self._stub.StopWorker(pb.JobRequest(job_id=job_id),
                                                                 timeout=timeout.total_seconds()))
         return WorkerUsage(cpu_seconds=reply.cpu_seconds, wall_seconds=reply.wall_seconds, joules=reply.joules,
-                           energy_source=reply.energy_source)
+                           energy_source=reply.energy_source, failure=reply.failure, fatal=reply.fatal)
 
     async def report(self, status: JobStatus, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
         await call_rpc(self._target, self._stub.Report(pb.JobReport(status=codec.status_to_wire(status)),
@@ -203,3 +211,8 @@ class JobsClient:
         reply = await call_rpc(self._target, self._stub.Plan(request, timeout=timeout.total_seconds()))
         return PlanAnswer(plan_json=reply.plan_json, prediction_json=reply.prediction_json,
                           left_out_json=reply.left_out_json)
+
+    async def worker_failed(self, job_id: str, device_id: str, reason: str, fatal: bool,
+                            timeout: timedelta = DEFAULT_TIMEOUT) -> None:
+        request = pb.WorkerFailure(job_id=job_id, device_id=device_id, reason=reason, fatal=fatal)
+        await call_rpc(self._target, self._stub.WorkerFailed(request, timeout=timeout.total_seconds()))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cetd.ids import PROTOCOL_VERSION, JobId
-from cetd.transport.channel import TensorKey, TensorSpec, TransportError
+from cetd.transport.channel import TensorKey, TensorMismatch, TensorSpec
 from cetd.wire import tensor_pb2
 
 ALLOWED_DTYPES: dict[str, torch.dtype] = {
@@ -97,10 +97,10 @@ def describe_layout(dtype: torch.dtype, shape: tuple[int, ...]) -> str:
 
 
 def check_spec(peer: int, key: TensorKey, tensor: torch.Tensor, spec: TensorSpec) -> None:
-    """Raise `TransportError` when a received tensor is not what the receiver expected."""
+    """Raise `TensorMismatch` when a received tensor is not what the receiver expected."""
     shape = tuple(tensor.shape)
     if tensor.dtype != spec.dtype or shape != tuple(spec.shape):
-        raise TransportError(
+        raise TensorMismatch(
             f"peer rank {peer} sent {describe_key(key)} as {describe_layout(tensor.dtype, shape)}, "
             f"expected {describe_layout(spec.dtype, tuple(spec.shape))}"
         )

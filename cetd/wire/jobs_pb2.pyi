@@ -434,12 +434,17 @@ class WorkerAck(_message.Message):
     WALL_SECONDS_FIELD_NUMBER: _builtins.int
     JOULES_FIELD_NUMBER: _builtins.int
     ENERGY_SOURCE_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
+    FATAL_FIELD_NUMBER: _builtins.int
     cpu_seconds: _builtins.float
     """StopWorker: what the stopped worker used on its device (for the job's energy account)."""
     wall_seconds: _builtins.float
     joules: _builtins.float
     """Measured joules when the device has a meter (energy_source "meter:<kind>"), else 0."""
     energy_source: _builtins.str
+    failure: _builtins.str
+    """Why the worker failed, if it did; fatal when re-planning cannot help (a protocol violation)."""
+    fatal: _builtins.bool
     def __init__(
         self,
         *,
@@ -447,14 +452,44 @@ class WorkerAck(_message.Message):
         wall_seconds: _builtins.float = ...,
         joules: _builtins.float = ...,
         energy_source: _builtins.str = ...,
+        failure: _builtins.str = ...,
+        fatal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_seconds", b"cpu_seconds", "energy_source", b"energy_source", "joules", b"joules", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_seconds", b"cpu_seconds", "energy_source", b"energy_source", "failure", b"failure", "fatal", b"fatal", "joules", b"joules", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkerAck: _TypeAlias = WorkerAck  # noqa: Y015
+
+@_typing.final
+class WorkerFailure(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FATAL_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    device_id: _builtins.str
+    reason: _builtins.str
+    fatal: _builtins.bool
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        fatal: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "fatal", b"fatal", "job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerFailure: _TypeAlias = WorkerFailure  # noqa: Y015
 
 @_typing.final
 class PlanRequest(_message.Message):

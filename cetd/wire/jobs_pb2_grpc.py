@@ -99,6 +99,11 @@ class JobsStub:
                 request_serializer=cetd_dot_wire_dot_jobs__pb2.PlanRequest.SerializeToString,
                 response_deserializer=cetd_dot_wire_dot_jobs__pb2.PlanResponse.FromString,
                 _registered_method=True)
+        self.WorkerFailed = channel.unary_unary(
+                '/cetd.v1.Jobs/WorkerFailed',
+                request_serializer=cetd_dot_wire_dot_jobs__pb2.WorkerFailure.SerializeToString,
+                response_deserializer=cetd_dot_wire_dot_jobs__pb2.WorkerAck.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
@@ -185,6 +190,14 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WorkerFailed(self, request, context):
+        """To a job's submitter, from the device whose worker process just failed (crash, out of memory, a
+        peer violating the protocol): the driver aborts the step now instead of waiting for a timeout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -252,6 +265,11 @@ def add_JobsServicer_to_server(servicer, server):
                     servicer.Plan,
                     request_deserializer=cetd_dot_wire_dot_jobs__pb2.PlanRequest.FromString,
                     response_serializer=cetd_dot_wire_dot_jobs__pb2.PlanResponse.SerializeToString,
+            ),
+            'WorkerFailed': grpc.unary_unary_rpc_method_handler(
+                    servicer.WorkerFailed,
+                    request_deserializer=cetd_dot_wire_dot_jobs__pb2.WorkerFailure.FromString,
+                    response_serializer=cetd_dot_wire_dot_jobs__pb2.WorkerAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -605,6 +623,33 @@ class Jobs:
             '/cetd.v1.Jobs/Plan',
             cetd_dot_wire_dot_jobs__pb2.PlanRequest.SerializeToString,
             cetd_dot_wire_dot_jobs__pb2.PlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WorkerFailed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cetd.v1.Jobs/WorkerFailed',
+            cetd_dot_wire_dot_jobs__pb2.WorkerFailure.SerializeToString,
+            cetd_dot_wire_dot_jobs__pb2.WorkerAck.FromString,
             options,
             channel_credentials,
             insecure,

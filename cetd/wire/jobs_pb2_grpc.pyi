@@ -53,6 +53,10 @@ class JobsStub:
     """To any member (forwarded to the coordinator): keep a device out of plans and move its jobs off it."""
     Plan: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.PlanRequest, _jobs_pb2.PlanResponse]
     """cetctl plan --what-if: the plan and its forecast, without running anything."""
+    WorkerFailed: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.WorkerFailure, _jobs_pb2.WorkerAck]
+    """To a job's submitter, from the device whose worker process just failed (crash, out of memory, a
+    peer violating the protocol): the driver aborts the step now instead of waiting for a timeout.
+    """
 
 @_typing.type_check_only
 class JobsAsyncStub(JobsStub):
@@ -73,6 +77,10 @@ class JobsAsyncStub(JobsStub):
     """To any member (forwarded to the coordinator): keep a device out of plans and move its jobs off it."""
     Plan: _aio.UnaryUnaryMultiCallable[_jobs_pb2.PlanRequest, _jobs_pb2.PlanResponse]  # type: ignore[assignment]
     """cetctl plan --what-if: the plan and its forecast, without running anything."""
+    WorkerFailed: _aio.UnaryUnaryMultiCallable[_jobs_pb2.WorkerFailure, _jobs_pb2.WorkerAck]  # type: ignore[assignment]
+    """To a job's submitter, from the device whose worker process just failed (crash, out of memory, a
+    peer violating the protocol): the driver aborts the step now instead of waiting for a timeout.
+    """
 
 class JobsServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -168,5 +176,15 @@ class JobsServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.PlanResponse, _abc.Awaitable[_jobs_pb2.PlanResponse]]:
         """cetctl plan --what-if: the plan and its forecast, without running anything."""
+
+    @_abc_1.abstractmethod
+    def WorkerFailed(
+        self,
+        request: _jobs_pb2.WorkerFailure,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.WorkerAck, _abc.Awaitable[_jobs_pb2.WorkerAck]]:
+        """To a job's submitter, from the device whose worker process just failed (crash, out of memory, a
+        peer violating the protocol): the driver aborts the step now instead of waiting for a timeout.
+        """
 
 def add_JobsServicer_to_server(servicer: JobsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -118,11 +118,13 @@ class DaemonProcess:
     prefix: Sequence[str] = ()
     proc: subprocess.Popen[bytes] | None = None
     device_id: DeviceId | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for the daemon (and so its job processes), e.g. fault injection."""
 
     def start(self) -> None:
         runtime = self.state_dir / "runtime.json"
         runtime.unlink(missing_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "cetd", "--config", str(self.config_path), "run"],
             stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, env=env, cwd=REPO,

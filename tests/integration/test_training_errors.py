@@ -155,3 +155,21 @@ def test_cancel_stops_the_job_everywhere(household: Household, text: Path) -> No
 
     wait_until(no_job_processes, 15, what="every job process stopped")
     assert_healthy(household)
+
+
+@pytest.mark.timeout(300)
+def test_a_peer_sending_a_wrong_shape_fails_the_job_with_the_reason(tmp_path: Path, text: Path) -> None:
+    """Two devices run a (fault-injected) worker that sends activations one position short; the receiving
+    stage refuses them, the job fails with that sentence instead of being retried, the household lives."""
+    with Household.create(tmp_path, 3, extra={"training": {"worker_threads": 1}}) as house:
+        for daemon in house.daemons[1:]:
+            daemon.env["CETD_FAULT"] = "truncate-activations"
+        house.start_all()
+        wait_until(house.agreed_coordinator, 20, what="a coordinator")
+        code, stderr, events = train(house, "--model", "gpt2-tiny", "--data", str(text), "--parallelism",
+                                     "pipeline", "--devices", "3")
+        assert code == 65, stderr
+        assert "expected float32" in stderr, stderr
+        assert events[-1]["job"]["state"] == "failed"
+        assert not events[-1]["job"]["recoveries"], "a protocol violation is not retried elsewhere"
+        assert_healthy(house)

@@ -1,0 +1,203 @@
+"""One benchmark job: `cetctl train` on the testbed, its step events metered, its outcome summarised.
+
+The job is submitted from device 0 with the real ``cetctl --json train``. While its JSON lines arrive,
+every step event is stamped with a `Reading` of the devices' CPU-seconds and link bytes. Step 1 pays
+for worker start-up, weight distribution and first-touch allocations, so the steady-state figures use
+steps 2..N only:
+
+- ``seconds_per_sample``: Σ step seconds / Σ samples over steps 2..N (the driver's step times);
+- ``bench_joules_per_sample``: the bench's own energy model over the same window, from metered
+  quantities — for each device of the plan: idle W × window wall time + W per busy core × its cgroup's
+  CPU-seconds + its link bytes × J/byte, with the ``jetson-nano`` power profile on its CPU
+  (`cetd.cluster.power`), plus the driver's CPU-seconds and bytes on the submitting device; a model.
+
+The product's own figures (``seconds_per_sample``, ``joules_per_sample`` with its ``energy_source``,
+both over every step) and the plan's predictions are kept as reported. A job the planner refuses
+for memory (exit 65 before any step, with the planner's sentence) is ``refused``; a job killed by the kernel's OOM
+killer inside a device's cgroup is ``oom``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from cetd.cluster.power import BUILTIN_PROFILES, DeviceUsage, EnergyModel
+
+from .testbed import Reading, Testbed
+
+ENERGY_PROFILE = BUILTIN_PROFILES["jetson-nano"]
+"""The paper's device class; its CPU figures (the bench trains on CPUs, so no accelerator watts)."""
+
+REFUSED_EXIT = 65
+_MEMORY_REFUSAL = re.compile(r"to train on one device|fits in the devices' memory")
+"""The planner's two refusals for memory (`cetd.cluster.planner`): the model, or no plan, fits."""
+SUBMITTER = 0
+"""The host whose daemon every job is submitted to (and so runs the job's driver)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobSettings:
+    """The shape of every job of a run (scaled from the paper's batch 128, sequence 32)."""
+
+    steps: int
+    global_batch: int
+    micro_batches: int
+    seq_len: int
+    timeout: timedelta
+
+
+@dataclass(slots=True, kw_only=True)
+class JobOutcome:
+    """What one model × parallelism × device set produced."""
+
+    model: str
+    parallelism: str
+    device_set: str
+    status: str
+    """``ok``; ``refused`` (the planner: it fits no device's memory, the paper's OOM); ``oom`` (the kernel's OOM
+    killer, in a device's cgroup); ``failed`` (any other error) or ``timeout``."""
+    reason: str = ""
+    seconds_per_sample: float | None = None
+    """Steady state (steps 2..N), from the driver's step times."""
+    bench_joules_per_sample: float | None = None
+    """Steady state, the bench's energy model over metered CPU-seconds and bytes (see the module doc)."""
+    bench_energy_source: str = ""
+    product_seconds_per_sample: float | None = None
+    """As `cetctl` reports it (every step, start-up included)."""
+    product_joules_per_sample: float | None = None
+    energy_source: str = ""
+    """The product's label for its joules."""
+    predicted_seconds_per_sample: float | None = None
+    predicted_joules_per_sample: float | None = None
+    estimated_memory_bytes: dict[str, int] = field(default_factory=dict)
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    """Per worker: host, CPU fraction, stage/blocks, tensor and data indices."""
+    cpu_seconds: list[float] = field(default_factory=list)
+    """Per host, over the steady-state window."""
+    bytes_sent: list[int] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    """Submission to the final line."""
+    memory_peak_bytes: list[int] = field(default_factory=list)
+    """Per host cgroup, the peak so far in this device set (cumulative, not reset per job)."""
+
+    @property
+    def prediction_error(self) -> float | None:
+        """Predicted over measured steady-state s/sample, minus one."""
+        if not self.seconds_per_sample or not self.predicted_seconds_per_sample:
+            return None
+        return self.predicted_seconds_per_sample / self.seconds_per_sample - 1
+
+
+def _reader(stream: Any, lines: list[tuple[float, str]], testbed: Testbed, readings: list[Reading]) -> None:
+    for line in stream:
+        if line.strip():
+            if '"event": "step"' in line:
+                readings.append(testbed.read())
+            lines.append((time.monotonic(), line))
+
+
+def run_job(testbed: Testbed, *, model: str, folder: Path, data: Path, parallelism: str,
+            settings: JobSettings) -> JobOutcome:
+    """Train one job on the testbed from device 0 and summarise it."""
+    devices = "1" if parallelism == "single" else str(len(testbed.household.daemons))
+    oom_before = testbed.oom_kills()
+    started = time.monotonic()
+    readings: list[Reading] = []
+    lines: list[tuple[float, str]] = []
+    process = testbed.cetctl(
+        SUBMITTER, "train", "--model", str(folder), "--data", str(data), "--steps", str(settings.steps),
+        "--batch", str(settings.global_batch), "--micro-batches", str(settings.micro_batches),
+        "--seq-len", str(settings.seq_len), "--parallelism", parallelism, "--devices", devices,
+        "--checkpoint-every", str(settings.steps + 1), "--seed", "0",
+    )
+    reader = threading.Thread(target=_reader, args=(process.stdout, lines, testbed, readings), daemon=True)
+    reader.start()
+    outcome = JobOutcome(model=model, parallelism=parallelism, device_set=testbed.device_set.name, status="failed")
+    try:
+        process.wait(timeout=settings.timeout.total_seconds())
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        outcome.status = "timeout"
+        outcome.reason = f"no result within {settings.timeout.total_seconds():.0f} s"
+    reader.join(timeout=10)
+    stderr = process.stderr.read().strip() if process.stderr else ""
+    outcome.wall_seconds = time.monotonic() - started
+    outcome.memory_peak_bytes = testbed.memory_peaks()
+    events = [json.loads(text) for _, text in lines]
+    _summarise(outcome, testbed, events, readings, settings)
+    if outcome.status == "timeout":
+        _cancel_running(testbed, events)
+        return outcome
+    if testbed.oom_kills() > oom_before:
+        outcome.status, outcome.reason = "oom", stderr or "a process of the job was killed by the OOM killer"
+    elif process.returncode == 0:
+        outcome.status = "ok"
+    elif process.returncode == REFUSED_EXIT and not outcome.step_seconds and _MEMORY_REFUSAL.search(stderr):
+        outcome.status, outcome.reason = "refused", stderr
+    else:
+        outcome.reason = stderr or f"cetctl exited with {process.returncode}"
+    return outcome
+
+
+def _cancel_running(testbed: Testbed, events: list[dict[str, Any]]) -> None:
+    job_id = next((e["job"]["job_id"] for e in events if "job" in e), None)
+    if job_id:
+        testbed.cetctl(SUBMITTER, "cancel", job_id).wait(timeout=60)
+
+
+def _summarise(outcome: JobOutcome, testbed: Testbed, events: list[dict[str, Any]], readings: list[Reading],
+               settings: JobSettings) -> None:
+    steps = [e for e in events if e.get("event") == "step"]
+    outcome.step_seconds = [float(e["seconds"]) for e in steps]
+    outcome.losses = [float(e["loss"]) for e in steps]
+    final = events[-1].get("job") if events and events[-1].get("event") == "finished" else None
+    if final is None:
+        return
+    plan = final.get("plan") or {}
+    outcome.product_seconds_per_sample = final.get("seconds_per_sample") or None
+    outcome.product_joules_per_sample = final.get("joules_per_sample") or None
+    outcome.energy_source = final.get("energy_source", "")
+    outcome.predicted_seconds_per_sample = plan.get("predicted_seconds_per_sample") or None
+    outcome.predicted_joules_per_sample = plan.get("predicted_joules_per_sample") or None
+    outcome.estimated_memory_bytes = dict(plan.get("estimated_memory_bytes") or {})
+    fractions = testbed.device_set.cpu_fractions
+    for worker in plan.get("workers", []):
+        host = testbed.host_of_device.get(worker["device_id"], -1)
+        outcome.workers.append({
+            "host": host, "cpu_fraction": fractions[host] if host >= 0 else None,
+            "stage": worker.get("stage", 0), "blocks": [worker.get("start_block", 0), worker.get("end_block", 0)],
+            "tp_index": worker.get("tp_index", 0), "dp_index": worker.get("dp_index", 0),
+        })
+    if len(steps) < 2 or len(readings) < len(steps):
+        return
+    window = steps[1:]
+    samples = sum(int(e["samples"]) for e in window)
+    outcome.seconds_per_sample = sum(float(e["seconds"]) for e in window) / samples
+    first, last = readings[0], readings[len(steps) - 1]
+    workers = {w["host"] for w in outcome.workers}
+    outcome.cpu_seconds = [b - a for a, b in zip(first.cpu_seconds, last.cpu_seconds, strict=True)]
+    outcome.bytes_sent = [b - a for a, b in zip(first.bytes_sent, last.bytes_sent, strict=True)]
+    received = [b - a for a, b in zip(first.bytes_received, last.bytes_received, strict=True)]
+    wall = timedelta(seconds=last.at - first.at)
+    # Idle power for the devices of the plan; the submitter's driver work (CPU, bytes) counts even when the
+    # plan leaves that device out, its idle power then does not (it would be on with or without the job).
+    usages = [DeviceUsage(device_id=str(host), wall=wall if host in workers else timedelta(0),
+                          cpu_time=timedelta(seconds=outcome.cpu_seconds[host]),
+                          bytes_sent=outcome.bytes_sent[host], bytes_received=received[host])
+              for host in sorted(workers | {SUBMITTER})]
+    cpu_only = EnergyModel(profiles={}, default=ENERGY_PROFILE)
+    outcome.bench_joules_per_sample = cpu_only.job_joules(usages, samples=samples).joules_per_sample
+    outcome.bench_energy_source = (f"model: {ENERGY_PROFILE.name} profile ({ENERGY_PROFILE.idle_watts:g} W idle, "
+                                   f"{ENERGY_PROFILE.watts_per_core:g} W per busy core) over cgroup-metered "
+                                   f"CPU-seconds and link bytes of {len(workers)} device(s) and the driver")

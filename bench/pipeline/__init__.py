@@ -1,0 +1,1 @@
+"""Pipeline benchmark: cetd's 2-stage pipeline against one device and torch.distributed.pipelining."""
