@@ -63,10 +63,12 @@ a GPT-2 small block, micro-batch 8 × 32 tokens (≈ 11 GFLOP forward+backward),
 ACCELERATOR_FLOPS = 200e9
 """Effective float32 FLOP/s of an edge GPU (a Jetson Nano's is ≈ 236 GFLOP/s peak)."""
 
-HEAD_EFFICIENCY = 0.15
-"""A head's matrix product costs this fraction of a block per equal parameter count: the measured anchor
-(GPT-2 8 × 384, the LM head makes its stage ≈ 1.4× heavier than 4 blocks) says ≈ 1.6 blocks where the
-parameter ratio says ≈ 11 — one large matrix product runs far closer to peak than a block's small ones."""
+HEAD_EFFICIENCY = 1.0
+"""A head's matrix product (and its loss) costs this many blocks per block's worth of parameters.
+Measured here (bench/planner, bench/pipeline: GPT-2 × 384): with a vocabulary of 8192 the head has 1.77×
+a block's parameters and cost 1.6–1.8 blocks (0.92–1.02 per parameter ratio); with 50257 it has ≈ 11× and
+cost ≈ 13 blocks (≈ 1.2). An earlier value of 0.15 came from mixing those two vocabularies and made the
+head look free, so the planner put it on slow devices."""
 
 EMBEDDING_BLOCKS = 0.05
 """An embedding lookup and its scattered gradient, in blocks."""
