@@ -42,6 +42,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from cetd.daemon.job_process import JOB_PROCESS_MALLOC
+
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -241,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="raw TLS: AES-128-GCM like grpc (TLS 1.2), or Python's default (TLS 1.3 AES-256-GCM)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    # Every contender runs with the allocator settings cetd gives its job processes (a fair comparison).
+    for name, value in JOB_PROCESS_MALLOC.items():
+        os.environ.setdefault(name, value)
     sizes = [parse_bytes(s) for s in args.sizes.split(",")]
     round_bytes = parse_bytes(args.round_bytes)
     chunk_bytes = parse_bytes(args.chunk_bytes)
