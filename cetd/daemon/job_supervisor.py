@@ -95,10 +95,12 @@ class JobSupervisor:
         resume = bool(self._stored.checkpoints)
         exclude: set[str] = set()
         pending: Recovery | None = None
+        noticed = 0.0
         watcher = asyncio.get_running_loop().create_task(self._watch_members(), name=f"watch-{self.job_id}")
         try:
             while True:
-                plan_started = time.monotonic()
+                # A recovery is timed from when the loss was noticed, stopping old workers included.
+                plan_started = noticed if pending is not None else time.monotonic()
                 try:
                     launch = await self._manager.launch_via_coordinator(
                         self.job_id, self._stored.spec_json, self._description, exclude | self._leaving,
@@ -130,6 +132,7 @@ class JobSupervisor:
                 self._set_state(JobState.RUNNING, "")
                 logger.info("job %s running (term %d): %s", self.job_id, launch.term, plan.reason)
                 outcome, event = await self._follow(pending, plan_started, planned)
+                noticed_at, noticed = time.time(), time.monotonic()  # when the driver reported how it ended
                 pending = None
                 if outcome == "done":
                     self._account(await self._manager.stop_workers(plan), plan, final=True)
@@ -155,7 +158,7 @@ class JobSupervisor:
                 checkpoint = int(event.get("checkpoint_step") or 0)
                 failed_step = int(event.get("last_step") or 0) + 1
                 pending = Recovery(
-                    at=time.time(), cause=str(event.get("reason")), device_id=failed_device,
+                    at=noticed_at, cause=str(event.get("reason")), device_id=failed_device,
                     failed_step=failed_step, resumed_from=checkpoint,
                     steps_redone=max(0, int(event.get("last_step") or 0) - checkpoint),
                 )

@@ -230,6 +230,8 @@ class GrpcPeerChannel:
 
     def send(self, peer: int, key: TensorKey, tensor: torch.Tensor) -> _FutureSendHandle:
         """Queue ``tensor`` for ``peer``; it is read on the channel's thread until the handle completes."""
+        if self._abort_reason is not None:
+            raise TransportError(f"the channel was aborted ({self._abort_reason}); nothing more is sent")
         sender = self._senders.get(peer)
         if sender is None:
             self._check_open()
