@@ -17,28 +17,46 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from cetd.cluster.membership import PeerState
 from cetd.cluster.power import DeviceUsage
 from cetd.errors import CetdError, JobError, UnavailableError
-from cetd.ids import DeviceId
 from cetd.runtime.spec import JobPlan, JobSpec, from_json
-from cetd.transport.job_types import JobState, StepProgress, WorkerEndpoint, WorkerUsage
+from cetd.transport.job_types import JobEvent, JobState, JobStatus, StepProgress, WorkerEndpoint, WorkerUsage
 
 from .job_process import JobProcess
 from .job_store import CheckpointRecord, Recovery, StoredJob
+from .planning_inputs import peer_map
 
 if TYPE_CHECKING:
-    from .jobs import JobManager, JobRecord
+    from .jobs import JobManager
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT = timedelta(minutes=5)
 PAUSE_RETRY = timedelta(seconds=3)
 MAX_RECOVERIES = 50
+
+
+@dataclass
+class JobRecord:
+    """A job as one daemon knows it; the submitter's record is the authoritative one."""
+
+    status: JobStatus
+    watchers: list[asyncio.Queue[JobEvent]] = field(default_factory=list)
+    driver: JobProcess | None = None
+    task: asyncio.Task[None] | None = None
+    supervisor: JobSupervisor | None = None
+    devices: int = 0
+
+    def update(self, step: StepProgress | None = None, **changes: Any) -> None:
+        self.status = replace(self.status, **changes)
+        event = JobEvent(status=self.status, step=step)
+        for queue in self.watchers:
+            queue.put_nowait(event)
 
 
 @dataclass
@@ -128,7 +146,7 @@ class JobSupervisor:
                 coordinator = self._manager.coordinator_id() or ""
                 await asyncio.gather(*(self._manager.connect(e.device_id, launch.term, coordinator, self.job_id,
                                                              endpoints) for e in launch.endpoints))
-                await self._driver.send({"peers": _peer_map(endpoints)})
+                await self._driver.send({"peers": peer_map(endpoints)})
                 self._set_state(JobState.RUNNING, "")
                 logger.info("job %s running (term %d): %s", self.job_id, launch.term, plan.reason)
                 outcome, event = await self._follow(pending, plan_started, planned)
@@ -345,10 +363,3 @@ class JobSupervisor:
         self._record.update(checkpoints=tuple(c.step for c in self._stored.checkpoints),
                             recoveries_json=json.dumps([asdict(r) for r in self._stored.recoveries]))
         self._manager.store.save(self._stored)
-
-
-def _peer_map(endpoints: tuple[WorkerEndpoint, ...]) -> dict[str, list[str]]:
-    from cetd.identity import tls_server_name
-
-    return {str(e.rank): [e.address, tls_server_name(DeviceId(e.device_id))] for e in endpoints}
-

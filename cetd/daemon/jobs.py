@@ -18,18 +18,17 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from cetd.cluster.cost_model import Link
 from cetd.cluster.energy_meters import detect_meters, read_meters
 from cetd.cluster.membership import PeerState
 from cetd.cluster.planner import DeviceOffer, plan_job, what_if
-from cetd.cluster.power import EnergyModel, PowerProfile, profile_for
+from cetd.cluster.power import EnergyModel
 from cetd.errors import CetdError, JobError, NotAuthorizedError, UnavailableError
-from cetd.identity import StateDir, tls_server_name
+from cetd.identity import StateDir
 from cetd.ids import DeviceId
 from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, WorkerAssignment, from_json, to_json
 from cetd.transport.job_types import (
@@ -38,41 +37,22 @@ from cetd.transport.job_types import (
     JobStatus,
     LaunchResult,
     PlanAnswer,
-    StepProgress,
     WorkerEndpoint,
     WorkerLaunch,
     WorkerUsage,
 )
 from cetd.transport.jobs_service import JobsClient
-from cetd.transport.peer_info import PeerInfo
 
 from .household import HouseholdNode
 from .job_process import JobProcess
 from .job_store import JobStore, StoredJob
-from .job_supervisor import JobSupervisor
+from .job_supervisor import JobRecord, JobSupervisor
+from .planning_inputs import energy_model, member_offers, peer_map, planning_inputs
 
 logger = logging.getLogger(__name__)
 
 DESCRIBE_TIMEOUT = timedelta(minutes=10)
 WORKER_START_TIMEOUT = timedelta(minutes=5)
-
-
-@dataclass
-class JobRecord:
-    """A job as one daemon knows it; the submitter's record is the authoritative one."""
-
-    status: JobStatus
-    watchers: list[asyncio.Queue[JobEvent]] = field(default_factory=list)
-    driver: JobProcess | None = None
-    task: asyncio.Task[None] | None = None
-    supervisor: JobSupervisor | None = None
-    devices: int = 0
-
-    def update(self, step: StepProgress | None = None, **changes: Any) -> None:
-        self.status = replace(self.status, **changes)
-        event = JobEvent(status=self.status, step=step)
-        for queue in self.watchers:
-            queue.put_nowait(event)
 
 
 class JobManager:
@@ -87,8 +67,8 @@ class JobManager:
         self._checkpoint_dir = checkpoint_dir
         self.store = JobStore(state)
         self._draining: set[str] = set()
-        self._meters = detect_meters(Path("/"))
-        self._meter_start: dict[str, float] = {}
+        self.meters = detect_meters(Path("/"))
+        self.meter_start: dict[str, float] = {}
         node.busy = lambda: bool(self._workers) or any(r.driver is not None and r.driver.running
                                                        for r in self._jobs.values())
         self._jobs: dict[str, JobRecord] = {}
@@ -103,7 +83,6 @@ class JobManager:
     def me(self) -> DeviceId:
         return self._node.identity.device_id
 
-    _me = me
 
     def coordinator_id(self) -> DeviceId | None:
         return self._node.election.coordinator_id
@@ -124,12 +103,7 @@ class JobManager:
         return self._threads or (os.cpu_count() or 1)
 
     def energy_model(self, devices: set[str]) -> EnergyModel:
-        """Power profiles of ``devices`` as they advertise them (unknown devices: the laptop profile)."""
-        infos: dict[str, PeerInfo] = {str(k): v for k, v in self._node.table.alive_info(time.monotonic()).items()}
-        infos[self.me] = self._node.self_info
-        profiles = {d: profile_for(infos[d].capabilities.power_profile or "laptop") if d in infos
-                    else profile_for("laptop") for d in devices}
-        return EnergyModel(profiles=profiles, default=profile_for("laptop"))
+        return energy_model(self._node, devices)
 
     def report_soon(self, record: JobRecord) -> None:
         """Tell the coordinator about a job's progress, at most once a second."""
@@ -172,14 +146,19 @@ class JobManager:
         self._jobs[stored.job_id] = record
         return record
 
+    async def _start_driver(self, name: str, job_id: str, spec_json: str, log_path: Path) -> JobProcess:
+        driver = JobProcess(name=name, log_path=log_path)
+        await driver.start({"role": "driver", "job_id": job_id, "spec": json.loads(spec_json),
+                            "state_dir": str(self._state.path), "host": self._host, "threads": self._threads,
+                            "checkpoint_dir": str(self._checkpoint_dir), "device_id": self.me})
+        return driver
+
     async def _describe(self, record: JobRecord, stored: StoredJob) -> str:
         """Start the driver and let it check model and data; refuse the job with its reason."""
         self.store.save(stored)
-        driver = JobProcess(name="the driver", log_path=self._log_path(stored.job_id, "driver"))
+        driver = await self._start_driver("the driver", stored.job_id, stored.spec_json,
+                                          self._log_path(stored.job_id, "driver"))
         record.driver = driver
-        await driver.start({"role": "driver", "job_id": stored.job_id, "spec": json.loads(stored.spec_json),
-                            "state_dir": str(self._state.path), "host": self._host, "threads": self._threads,
-                            "checkpoint_dir": str(self._checkpoint_dir), "device_id": self.me})
         try:
             described = await driver.expect("described", DESCRIBE_TIMEOUT)
         except CetdError as error:
@@ -250,8 +229,8 @@ class JobManager:
 
     async def connect(self, device_id: str, term: int, coordinator: str, job_id: str,
                        endpoints: tuple[WorkerEndpoint, ...]) -> None:
-        if device_id == self._me:
-            await self.connect_worker(term, coordinator, job_id, endpoints, self._me)
+        if device_id == self.me:
+            await self.connect_worker(term, coordinator, job_id, endpoints, self.me)
         else:
             await self._client(device_id).connect_worker(term, coordinator, job_id, endpoints)
 
@@ -277,7 +256,7 @@ class JobManager:
 
     async def _report(self, record: JobRecord) -> None:
         coordinator = self._node.election.coordinator_id
-        if coordinator is None or coordinator == self._me:
+        if coordinator is None or coordinator == self.me:
             return
         with contextlib.suppress(CetdError):
             await self._client(coordinator).report(record.status)
@@ -297,7 +276,7 @@ class JobManager:
                      resume: bool, caller: DeviceId) -> LaunchResult:
         """Plan the job on the live members and start its workers; a device that cannot start its worker
         (it died since its last heartbeat) is left out and the job re-planned, up to three times."""
-        if self._node.election.coordinator_id != self._me:
+        if self._node.election.coordinator_id != self.me:
             raise UnavailableError("this device is not the coordinator; ask the current one")
         term = self._node.election.term
         spec = from_json(JobSpec, spec_json)
@@ -312,7 +291,7 @@ class JobManager:
             if resume and spec.devices > len(offers) >= 1:
                 # After a failure the job goes on with what is left rather than waiting for the lost device.
                 planned_spec = replace(spec, devices=len(offers))
-            profiles, links = self._planning_inputs(offers)
+            profiles, links = planning_inputs(self._node, offers)
             plan = plan_job(planned_spec, description, offers, objective=spec.objective, profiles=profiles,
                             links=links)
             plan_json = to_json(plan)
@@ -336,11 +315,11 @@ class JobManager:
         """Order every worker of ``plan`` started; return the endpoints and the devices that failed."""
 
         async def start(worker: WorkerAssignment) -> WorkerEndpoint:
-            order = WorkerLaunch(term=term, coordinator_id=self._me, job_id=job_id, rank=worker.rank,
+            order = WorkerLaunch(term=term, coordinator_id=self.me, job_id=job_id, rank=worker.rank,
                                  spec_json=spec_json, plan_json=plan_json, description_json=description_json,
                                  submitter_id=submitter)
-            if worker.device_id == self._me:
-                address = await self.start_worker(order, self._me)
+            if worker.device_id == self.me:
+                address = await self.start_worker(order, self.me)
             else:
                 address = await self._client(worker.device_id).start_worker(order)
             return WorkerEndpoint(rank=worker.rank, device_id=worker.device_id, address=address)
@@ -356,22 +335,7 @@ class JobManager:
         return endpoints, failed
 
     def _offers(self, description: ModelDescription | None = None, seq_len: int = 32) -> list[DeviceOffer]:
-        """The live members as the planner sees them, with their profiled speed scaled to the model."""
-        now = time.monotonic()
-        infos = [self._node.self_info, *self._node.table.alive_info(now).values()]
-        return [
-            DeviceOffer(device_id=i.device_id, memory_bytes=i.capabilities.memory_bytes, cores=i.capabilities.cores,
-                        rank=i.capabilities.rank, power_profile=i.capabilities.power_profile,
-                        accelerator=bool(i.capabilities.accelerator),
-                        block_seconds=scale_block_seconds(i.capabilities.block_seconds, description, seq_len))
-            for i in infos if self._node.roster.roster.is_member(i.device_id)
-        ]
-
-    def _planning_inputs(self, offers: list[DeviceOffer]) -> tuple[dict[str, PowerProfile], dict[Any, Link]]:
-        profiles = {o.device_id: profile_for(o.power_profile or "laptop") for o in offers}
-        links = {(self.me, peer): Link(bandwidth_bytes_per_second=bandwidth, latency_seconds=latency)
-                 for peer, (bandwidth, latency) in self._node.links.items()}
-        return profiles, links
+        return member_offers(self._node, description, seq_len)
 
     async def plan(self, spec_json: str, description_json: str, remove: tuple[str, ...], add_json: str,
                    caller: DeviceId) -> PlanAnswer:
@@ -388,17 +352,15 @@ class JobManager:
             added = [DeviceOffer(**d) for d in json.loads(add_json or "[]")]
         except (TypeError, ValueError) as error:
             raise JobError(f"malformed hypothetical device: {error}") from None
-        profiles, links = self._planning_inputs([*offers, *added])
+        profiles, links = planning_inputs(self._node, [*offers, *added])
         planned = what_if(spec, description, offers, remove=remove, add=added, objective=spec.objective,
                           profiles=profiles, links=links)
         return PlanAnswer(plan_json=to_json(planned.plan), prediction_json=json.dumps(asdict(planned.prediction)),
                           left_out_json=json.dumps(planned.left_out))
 
     async def _describe_only(self, spec_json: str) -> str:
-        driver = JobProcess(name="the model check", log_path=self._state.path / "jobs" / "what-if.log")
-        await driver.start({"role": "driver", "job_id": "what-if", "spec": json.loads(spec_json),
-                            "state_dir": str(self._state.path), "host": self._host, "threads": self._threads,
-                            "checkpoint_dir": str(self._checkpoint_dir), "device_id": self.me})
+        driver = await self._start_driver("the model check", "what-if", spec_json,
+                                          self._state.path / "jobs" / "what-if.log")
         try:
             described = await driver.expect("described", DESCRIBE_TIMEOUT)
         finally:
@@ -439,8 +401,8 @@ class JobManager:
             await process.stop()
             self._workers.pop(key, None)
             raise
-        if self._meters:
-            self._meter_start[key] = sum(r.joules for r in read_meters(self._meters))
+        if self.meters:
+            self.meter_start[key] = sum(r.joules for r in read_meters(self.meters))
         logger.info("worker rank %d of job %s listening on %s", launch.rank, launch.job_id, ready["address"])
         self._worker_failure.pop(key, None)
         self._worker_follow[key] = self._spawn(self._follow_worker(key, process), f"worker-{key}")
@@ -488,7 +450,7 @@ class JobManager:
         if caller not in self._worker_owner.get(job_id, set()):
             raise NotAuthorizedError(f"device {caller} may not direct job {job_id}")
         self._node.election.validate_command(term, DeviceId(coordinator_id))
-        await process.send({"peers": _peer_map(endpoints, exclude=None)})
+        await process.send({"peers": peer_map(endpoints)})
 
     async def stop_worker(self, job_id: str, caller: DeviceId) -> WorkerUsage:
         process = self._workers.pop(job_id, None)
@@ -502,9 +464,9 @@ class JobManager:
         await process.stop()
         failure, fatal = self._worker_failure.pop(job_id, ("", False))
         joules, source = 0.0, ""
-        started = self._meter_start.pop(job_id, None)
-        if started is not None and self._meters:
-            readings = read_meters(self._meters)
+        started = self.meter_start.pop(job_id, None)
+        if started is not None and self.meters:
+            readings = read_meters(self.meters)
             joules, source = sum(r.joules for r in readings) - started, readings[0].source
         return WorkerUsage(cpu_seconds=process.cpu_seconds(), wall_seconds=process.wall_seconds(), joules=joules,
                            energy_source=source, failure=failure, fatal=fatal)
@@ -565,14 +527,14 @@ class JobManager:
         if record is not None:
             return record.status
         coordinator = self._node.election.coordinator_id
-        if coordinator is not None and coordinator != self._me:
+        if coordinator is not None and coordinator != self.me:
             return await self._client(coordinator).get(job_id)
         raise JobError(f"no job {job_id}")
 
     async def list_jobs(self) -> list[JobStatus]:
         jobs = {job_id: r.status for job_id, r in self._jobs.items()}
         coordinator = self._node.election.coordinator_id
-        if coordinator is not None and coordinator != self._me:
+        if coordinator is not None and coordinator != self.me:
             with contextlib.suppress(CetdError):
                 for status in await self._client(coordinator).list_jobs():
                     jobs.setdefault(status.job_id, status)
@@ -580,9 +542,9 @@ class JobManager:
 
     async def watch(self, job_id: str) -> AsyncIterator[JobEvent]:
         record = self._jobs.get(job_id)
-        if record is None or record.status.submitter_id != self._me:
+        if record is None or record.status.submitter_id != self.me:
             status = await self.get(job_id)
-            if status.submitter_id and status.submitter_id != self._me:
+            if status.submitter_id and status.submitter_id != self.me:
                 async for event in self._client(status.submitter_id).watch(job_id):
                     yield event
                 return
@@ -602,7 +564,7 @@ class JobManager:
 
     async def cancel(self, job_id: str) -> JobStatus:
         record = self._jobs.get(job_id)
-        if record is not None and record.status.submitter_id == self._me:
+        if record is not None and record.status.submitter_id == self.me:
             if record.task is not None and not record.task.done():
                 record.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -624,29 +586,3 @@ class JobManager:
         for process in list(self._workers.values()):
             await process.stop()
         self._workers.clear()
-
-
-REFERENCE_BLOCK = (768, 12, 32)
-"""The profiler's block: GPT-2 small's hidden size, heads and a 32-token sequence."""
-
-
-def scale_block_seconds(measured: float, description: ModelDescription | None, seq_len: int) -> float | None:
-    """The profiled per-sample block time, scaled to the model's block by its forward FLOPs per sample.
-
-    A block costs about 24·h² + 4·h·T multiply-adds per token (projections, MLP, attention scores).
-    """
-    if measured <= 0 or description is None:
-        return None
-    hidden, _, tokens = REFERENCE_BLOCK
-
-    def flops(h: int, t: int) -> float:
-        return t * (24.0 * h * h + 4.0 * h * t)
-
-    return measured * flops(description.hidden_size, seq_len) / flops(hidden, tokens)
-
-
-def _peer_map(endpoints: tuple[WorkerEndpoint, ...], exclude: int | None) -> dict[str, list[str]]:
-    return {
-        str(e.rank): [e.address, tls_server_name(DeviceId(e.device_id))]
-        for e in endpoints if e.rank != exclude
-    }

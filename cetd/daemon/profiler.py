@@ -3,7 +3,7 @@
 The measurement (a reference GPT-2-small block, forward + backward, in a fresh process with the
 worker's thread count) is kept in ``state_dir/profile.json`` and refreshed once a day, only while no
 job runs here, so profiling never competes with training. The planner scales it to each model's block
-shape (`cetd.daemon.jobs.scale_block_seconds`).
+shape (`cetd.daemon.planning_inputs.scale_block_seconds`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,80 @@
+"""What the coordinator hands the planner, read off the household: offers, power profiles, links.
+
+Also the address book a job's processes connect with. Kept apart from `jobs` (the RPC side) so that
+the numbers the planner sees are defined in one place.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from cetd.cluster.cost_model import Link
+from cetd.cluster.planner import DeviceOffer
+from cetd.cluster.power import EnergyModel, PowerProfile, profile_for
+from cetd.identity import tls_server_name
+from cetd.ids import DeviceId
+from cetd.runtime.spec import ModelDescription
+from cetd.transport.job_types import WorkerEndpoint
+
+from .household import HouseholdNode
+
+REFERENCE_BLOCK = (768, 12, 32)
+"""The profiler's block: GPT-2 small's hidden size, heads and a 32-token sequence."""
+
+DEFAULT_PROFILE = "laptop"
+"""Power profile of a device that advertises none."""
+
+
+def scale_block_seconds(measured: float, description: ModelDescription | None, seq_len: int) -> float | None:
+    """The profiled per-sample block time, scaled to the model's block by its forward FLOPs per sample.
+
+    A block costs about 24·h² + 4·h·T multiply-adds per token (projections, MLP, attention scores).
+    """
+    if measured <= 0 or description is None:
+        return None
+    hidden, _, tokens = REFERENCE_BLOCK
+
+    def flops(h: int, t: int) -> float:
+        return t * (24.0 * h * h + 4.0 * h * t)
+
+    return measured * flops(description.hidden_size, seq_len) / flops(hidden, tokens)
+
+
+def power_profile(name: str) -> PowerProfile:
+    return profile_for(name or DEFAULT_PROFILE)
+
+
+def member_offers(node: HouseholdNode, description: ModelDescription | None = None,
+                  seq_len: int = 32) -> list[DeviceOffer]:
+    """The live members as the planner sees them, with their profiled speed scaled to the model."""
+    infos = [node.self_info, *node.table.alive_info(time.monotonic()).values()]
+    return [
+        DeviceOffer(device_id=i.device_id, memory_bytes=i.capabilities.memory_bytes, cores=i.capabilities.cores,
+                    rank=i.capabilities.rank, power_profile=i.capabilities.power_profile,
+                    accelerator=bool(i.capabilities.accelerator),
+                    block_seconds=scale_block_seconds(i.capabilities.block_seconds, description, seq_len))
+        for i in infos if node.roster.roster.is_member(i.device_id)
+    ]
+
+
+def planning_inputs(node: HouseholdNode, offers: list[DeviceOffer]) -> tuple[dict[str, PowerProfile], dict[Any, Link]]:
+    """Power profiles of the offered devices and the links this daemon has measured."""
+    profiles = {o.device_id: power_profile(o.power_profile) for o in offers}
+    me = node.identity.device_id
+    links = {(me, peer): Link(bandwidth_bytes_per_second=bandwidth, latency_seconds=latency)
+             for peer, (bandwidth, latency) in node.links.items()}
+    return profiles, links
+
+
+def energy_model(node: HouseholdNode, devices: set[str]) -> EnergyModel:
+    """Power profiles of ``devices`` as they advertise them."""
+    advertised = {str(k): v.capabilities.power_profile for k, v in node.table.alive_info(time.monotonic()).items()}
+    advertised[node.identity.device_id] = node.self_info.capabilities.power_profile
+    return EnergyModel(profiles={d: power_profile(advertised.get(d, "")) for d in devices},
+                       default=power_profile(""))
+
+
+def peer_map(endpoints: tuple[WorkerEndpoint, ...]) -> dict[str, list[str]]:
+    """Rank → [address, TLS server name] for a job process's `connect` (it skips its own rank)."""
+    return {str(e.rank): [e.address, tls_server_name(DeviceId(e.device_id))] for e in endpoints}
