@@ -32,7 +32,7 @@ from cetd.runtime.pipeline import MicroBatch, OptimizerConfig, PipelineStage, ch
 from cetd.runtime.reference import build_adamw
 from cetd.transport.channel import PeerChannel, TensorKey
 
-__all__ = ["DataParallelRunner", "all_reduce_gradients_", "shard_micro_batches"]
+__all__ = ["DataParallelRunner", "all_reduce_gradients_", "global_loss", "shard_micro_batches"]
 
 
 def shard_micro_batches(num_micro_batches: int, index: int, world: int) -> range:
@@ -68,6 +68,34 @@ def all_reduce_gradients_(
     if divide_by != 1:
         for grad in grads:
             grad.div_(divide_by)
+
+
+def global_loss(
+    channel: PeerChannel,
+    local_losses: Sequence[float],
+    *,
+    ranks: Sequence[int],
+    num_micro_batches: int,
+    key: TensorKey,
+    timeout: timedelta | None = None,
+) -> float:
+    """The step's loss over every replica: their micro-batches' scaled losses added in global order.
+
+    ``ranks[i]`` holds the losses of the micro-batches ``shard_micro_batches(num_micro_batches, i,
+    len(ranks))``; each rank passes its own, and all get the same sum, added exactly as the reference
+    trainer adds them (micro-batch 0 first).
+    """
+    if len(ranks) == 1:
+        return sum(local_losses)
+    width = len(shard_micro_batches(num_micro_batches, 0, len(ranks)))
+    padded = torch.zeros(width, dtype=torch.float64)
+    padded[: len(local_losses)] = torch.tensor(list(local_losses), dtype=torch.float64)
+    gathered = all_gather(channel, padded, ranks=ranks, key=key, timeout=timeout)
+    ordered: list[float] = []
+    for index, values in enumerate(gathered):
+        share = len(shard_micro_batches(num_micro_batches, index, len(ranks)))
+        ordered.extend(values[:share].tolist())
+    return sum(ordered)
 
 
 class DataParallelRunner:
@@ -178,23 +206,14 @@ class DataParallelRunner:
 
     def _global_mean_loss(self, step: int, local_losses: list[float]) -> float:
         """Mean over all micro-batches (scaled losses added in global micro-batch order, as the reference)."""
-        if len(self._ranks) == 1:
-            return sum(local_losses)
-        width = len(shard_micro_batches(self._num_micro_batches, 0, len(self._ranks)))
-        padded = torch.zeros(width, dtype=torch.float64)
-        padded[: len(local_losses)] = torch.tensor(local_losses, dtype=torch.float64)
-        gathered = all_gather(
+        return global_loss(
             self._channel,
-            padded,
+            local_losses,
             ranks=self._ranks,
+            num_micro_batches=self._num_micro_batches,
             key=TensorKey(step=step, micro_batch=-1, name="dp/loss"),
             timeout=self._timeout,
         )
-        ordered: list[float] = []
-        for index, values in enumerate(gathered):
-            share = len(shard_micro_batches(self._num_micro_batches, index, len(self._ranks)))
-            ordered.extend(values[:share].tolist())
-        return sum(ordered)
 
     def _average_parameters(self, step: int) -> None:
         tensors = [parameter.data for parameter in self._parameters]

@@ -43,6 +43,8 @@ from cetd.runtime.job_protocol import (
     micro_batch_size,
     optimizer_key,
     parameter_key,
+    pipeline_ranks,
+    replica_count,
     start_key,
     worker_ranks,
 )
@@ -233,6 +235,7 @@ class Driver:
             num_blocks=loaded.description.num_blocks,
             num_heads=loaded.description.num_heads,
             world_size=channel.world_size,
+            sync_every=spec.sync_every,
         )
         micro_batch_size(spec.global_batch, plan.micro_batches)  # refuse a batch M does not divide
         started = time.perf_counter()
@@ -475,13 +478,11 @@ class Driver:
             full = gather_full_state_dict([pieces[rank] for rank in ranks], layout)
         elif plan.parallelism == "data":
             full = _combine_replicas([pieces[rank] for rank in ranks])
+        elif plan.parallelism == "pipeline":
+            replicas = range(replica_count(plan))
+            full = _combine_replicas([_merge_stages([pieces[r] for r in pipeline_ranks(plan, i)]) for i in replicas])
         else:
-            full = {}
-            for rank in ranks:
-                for name, tensor in pieces[rank].items():
-                    if name in full and not torch.equal(full[name], tensor):
-                        logger.warning("the copies of tied weight %s differ between stages", name)
-                    full.setdefault(name, tensor)
+            full = pieces[ranks[0]]
         self._whole().load_full_state_dict(full)
 
     def _receive_final(self, rank: int, share: Share, channel: PeerChannel) -> dict[str, torch.Tensor]:
@@ -512,9 +513,21 @@ class Driver:
         return str(folder)
 
 
+def _merge_stages(stages: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One pipeline's parameters from its stages' (a weight tied across stages taken once)."""
+    full: dict[str, torch.Tensor] = {}
+    for piece in stages:
+        for name, tensor in piece.items():
+            if name in full and not torch.equal(full[name], tensor):
+                logger.warning("the copies of tied weight %s differ between stages", name)
+            full.setdefault(name, tensor)
+    return full
+
+
 def _combine_replicas(replicas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The replicas' parameters: bit-identical when gradients are all-reduced every step; averaged when
-    local SGD (``sync_every > 1``) ended between two synchronisations."""
+    """The replicas' parameters: bit-identical when gradients are all-reduced every step (data
+    parallelism, pipeline replicas); averaged when local SGD (``sync_every > 1``) ended between two
+    synchronisations."""
     first = replicas[0]
     if all(torch.equal(first[name], other[name]) for other in replicas[1:] for name in first):
         return first

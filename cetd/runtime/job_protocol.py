@@ -53,6 +53,11 @@ __all__ = [
     "micro_batch_size",
     "optimizer_key",
     "parameter_key",
+    "pipeline_ranks",
+    "replica_count",
+    "replica_gradient_key",
+    "replica_loss_key",
+    "stage_replica_ranks",
     "start_key",
     "tensor_parallel_key",
     "worker_ranks",
@@ -143,6 +148,16 @@ def tensor_parallel_key(step: int, call: int) -> TensorKey:
     return TensorKey(step=step, micro_batch=-1, name=f"tp/{call}")
 
 
+def replica_loss_key(step: int) -> TensorKey:
+    """The all-gather of a step's micro-batch losses among the last stages of pipeline replicas."""
+    return TensorKey(step=step, micro_batch=-1, name="pipeline/replicas/loss")
+
+
+def replica_gradient_key(step: int) -> TensorKey:
+    """The all-reduce of one pipeline stage's gradients among its replicas."""
+    return TensorKey(step=step, micro_batch=-1, name="pipeline/replicas/grad")
+
+
 def micro_batch_size(global_batch: int, micro_batches: int) -> int:
     """Examples per micro-batch."""
     if micro_batches < 1 or global_batch % micro_batches:
@@ -163,13 +178,42 @@ def worker_ranks(plan: JobPlan) -> list[int]:
     return [w.rank for w in sorted(plan.workers, key=lambda w: (w.stage, w.tp_index, w.dp_index, w.rank))]
 
 
+def replica_count(plan: JobPlan) -> int:
+    """How many copies of the pipeline a pipeline plan runs (its distinct ``dp_index`` values); 1 otherwise."""
+    return len({w.dp_index for w in plan.workers}) if plan.parallelism == "pipeline" else 1
+
+
+def pipeline_ranks(plan: JobPlan, replica: int) -> list[int]:
+    """The ranks of pipeline replica ``replica`` (its ``dp_index``), in stage order."""
+    return [w.rank for w in sorted(plan.workers, key=lambda w: w.stage) if w.dp_index == replica]
+
+
+def stage_replica_ranks(plan: JobPlan, stage: int) -> list[int]:
+    """The ranks that hold pipeline stage ``stage``, one per replica, in replica order: the ranks that
+    all-reduce that stage's gradients."""
+    return [w.rank for w in sorted(plan.workers, key=lambda w: w.dp_index) if w.stage == stage]
+
+
 def loss_rank(plan: JobPlan) -> int:
-    """The one worker that sends the step loss: the last pipeline stage, else the first worker."""
-    return worker_ranks(plan)[-1 if plan.parallelism == "pipeline" else 0]
+    """The one worker that sends the step loss: replica 0's last pipeline stage, else the first worker.
+
+    With pipeline replicas every last stage knows the whole step's loss (they gather it); replica 0's
+    reports it.
+    """
+    if plan.parallelism == "pipeline":
+        return pipeline_ranks(plan, 0)[-1]
+    return worker_ranks(plan)[0]
 
 
-def check_plan(plan: JobPlan, *, num_blocks: int, num_heads: int, world_size: int) -> None:
+def check_plan(plan: JobPlan, *, num_blocks: int, num_heads: int, world_size: int, sync_every: int = 1) -> None:
     """Refuse a plan that the model or the channel cannot run.
+
+    Args:
+        plan: the job's plan.
+        num_blocks: the model's transformer blocks.
+        num_heads: its attention heads.
+        world_size: ranks of the job's channel (driver included).
+        sync_every: the job's ``sync_every`` (pipeline replicas need 1).
 
     Raises:
         JobError: naming what is wrong with the plan.
@@ -183,7 +227,7 @@ def check_plan(plan: JobPlan, *, num_blocks: int, num_heads: int, world_size: in
     if plan.parallelism == "single" and count != 1:
         raise JobError(f"a single-device plan names {count} workers")
     if plan.parallelism == "pipeline":
-        _check_stages(sorted(plan.workers, key=lambda w: w.stage), num_blocks)
+        _check_replicas(plan, num_blocks, sync_every)
     if plan.parallelism == "tensor":
         if sorted(w.tp_index for w in plan.workers) != list(range(count)):
             raise JobError("the plan's tensor-parallel indices are not 0..N-1")
@@ -191,6 +235,33 @@ def check_plan(plan: JobPlan, *, num_blocks: int, num_heads: int, world_size: in
             raise JobError(f"{count} tensor-parallel workers exceed the model's {num_heads} attention heads")
     if plan.parallelism == "data" and sorted(w.dp_index for w in plan.workers) != list(range(count)):
         raise JobError("the plan's data-parallel indices are not 0..N-1")
+
+
+def _check_replicas(plan: JobPlan, num_blocks: int, sync_every: int) -> None:
+    """R ≥ 1 copies of one valid pipeline, split alike (so each stage's gradients can be summed across)."""
+    indices = sorted({w.dp_index for w in plan.workers})
+    if indices != list(range(len(indices))):
+        raise JobError(f"the plan's pipeline replica indices {indices} are not 0..R-1")
+    chains = [sorted((w for w in plan.workers if w.dp_index == r), key=lambda w: w.stage) for r in indices]
+    for chain in chains:
+        _check_stages(chain, num_blocks)
+    if len(chains) == 1:
+        return
+    first = [(w.start_block, w.end_block) for w in chains[0]]
+    for replica, chain in enumerate(chains[1:], start=1):
+        bounds = [(w.start_block, w.end_block) for w in chain]
+        if bounds != first:
+            raise JobError(
+                f"pipeline replica {replica} splits the blocks as {bounds}, replica 0 as {first}; "
+                "every replica must hold the same blocks on each stage"
+            )
+    if len(chains) > plan.micro_batches:
+        raise JobError(
+            f"{len(chains)} pipeline replicas need at least {len(chains)} micro-batches per step; "
+            f"the plan has {plan.micro_batches}"
+        )
+    if sync_every != 1:
+        raise JobError(f"pipeline replicas sum their gradients every step, so --sync-every must be 1, not {sync_every}")
 
 
 def _check_stages(stages: Sequence[WorkerAssignment], num_blocks: int) -> None:
@@ -257,9 +328,10 @@ def build_share(
     num_blocks = adapter.num_blocks(model)
     every = range(num_micro_batches)
     if plan.parallelism == "pipeline":
-        last = worker.stage == count - 1
+        replicas = replica_count(plan)
+        last = worker.stage == count // replicas - 1
         stage = adapter.make_stage(model, worker.start_block, worker.end_block, first=worker.stage == 0, last=last)
-        return Share(stage, every)
+        return Share(stage, shard_micro_batches(num_micro_batches, worker.dp_index, replicas))
     if plan.parallelism == "tensor":
         reduce = all_reduce if all_reduce is not None else _no_all_reduce
         parallel = make_tensor_parallel_model(model, adapter, worker.tp_index, count, reduce)

@@ -8,6 +8,11 @@ accumulated gradients equal single-device training on the whole batch with the s
 (``(loss_m / M).backward()`` for m = 0..M-1, then one AdamW step). A weight tied across the first and
 last stage (GPT-2's embedding / LM head) has its gradient summed between those two stages; a step whose
 loss is not finite is refused on every stage before any parameter changes.
+
+Pipeline × data (several copies of the same pipeline): each copy runs the schedule over its own share of
+the micro-batches but scales every loss by 1/M of the *whole* batch (``loss_scale_count``); the caller's
+hooks gather the last stages' losses across copies (``global_loss``) and sum each stage's gradients
+across copies (``before_optimizer_step``), so the copies together still equal one device on the batch.
 """
 
 from __future__ import annotations
@@ -99,6 +104,8 @@ class PipelineStageRunner:
         optimizer: OptimizerConfig,
         recv_timeout: timedelta | None = timedelta(minutes=10),
         before_optimizer_step: Callable[[int], None] | None = None,
+        loss_scale_count: int | None = None,
+        global_loss: Callable[[int, list[float]], float] | None = None,
     ) -> None:
         """Args:
         stage: this worker's part of the model.
@@ -106,13 +113,22 @@ class PipelineStageRunner:
         stage_index: position of ``stage`` in the pipeline, 0-based.
         stage_ranks: the channel rank that runs each stage, in pipeline order.
         schedule: "gpipe" or "1f1b".
-        num_micro_batches: micro-batches per optimizer step (M).
+        num_micro_batches: micro-batches this pipeline runs per optimizer step (its share when replicated).
         hidden_spec: shape and dtype of the activations this stage receives (unused on the first).
         optimizer: AdamW hyperparameters.
         recv_timeout: longest wait for one tensor from a neighbour.
-        before_optimizer_step: called with the step once gradients are complete, before AdamW (e.g. a
-            data-parallel gradient all-reduce among replicas of this stage).
+        before_optimizer_step: called with the step once gradients are complete (tied weights summed),
+            before AdamW (e.g. a data-parallel gradient all-reduce among replicas of this stage).
+        loss_scale_count: the M that every micro-batch loss is divided by: the whole batch's micro-batches
+            when pipeline replicas share it; None means ``num_micro_batches``.
+        global_loss: called on the last stage with the step and its micro-batches' scaled losses (in
+            order); returns the step's loss over every replica (e.g. gathered from the other replicas'
+            last stages). None: the sum of this pipeline's own.
         """
+        if num_micro_batches < 1 or (loss_scale_count is not None and loss_scale_count < num_micro_batches):
+            raise ValueError(
+                f"need 1 <= num_micro_batches <= loss_scale_count, not {num_micro_batches}, {loss_scale_count}"
+            )
         count = len(stage_ranks)
         if len(set(stage_ranks)) != count:
             raise ValueError(f"stage ranks {list(stage_ranks)} must be distinct")
@@ -129,6 +145,8 @@ class PipelineStageRunner:
         self._stage_index = stage_index
         self._stage_ranks = list(stage_ranks)
         self._num_micro_batches = num_micro_batches
+        self._loss_scale_count = loss_scale_count if loss_scale_count is not None else num_micro_batches
+        self._global_loss = global_loss
         self._actions = build_schedule(schedule, count, num_micro_batches)[stage_index]
         self._hidden_spec = hidden_spec
         self._timeout = recv_timeout
@@ -138,10 +156,11 @@ class PipelineStageRunner:
         """The stage's AdamW (its state is what a checkpoint saves)."""
 
     def run_step(self, step: int, micro_batches: Sequence[MicroBatch]) -> float | None:
-        """Run one optimizer step over ``micro_batches`` (all M of them; each stage reads its keys).
+        """Run one optimizer step over ``micro_batches`` (this pipeline's; each stage reads its keys).
 
         Returns:
-            On the last stage the mean of the micro-batches' losses; None on the others.
+            On the last stage the step's loss (the sum of every micro-batch's loss / M, over all
+            replicas when ``global_loss`` gathers them); None on the others.
 
         Raises:
             JobError: the loss is not finite (on every stage; no parameter has changed).
@@ -185,7 +204,7 @@ class PipelineStageRunner:
                     if out.dim() != 0:
                         raise ValueError(f"the last stage must return a scalar loss, not shape {list(out.shape)}")
                     # Scaled here, as the reference does, so the reported mean matches it bit for bit.
-                    outputs[m] = out / self._num_micro_batches
+                    outputs[m] = out / self._loss_scale_count
                     losses.append(float(outputs[m].detach().to(torch.float64)))
                 else:
                     key = TensorKey(step=step, micro_batch=m, name="act")
@@ -208,8 +227,10 @@ class PipelineStageRunner:
         return losses
 
     def _agree_on_loss(self, step: int, losses: list[float]) -> float:
-        """The last stage's mean loss, made known to every stage so that all refuse a bad step alike."""
-        mean = sum(losses) if losses else math.nan
+        """The last stage's step loss, made known to every stage so that all refuse a bad step alike."""
+        mean = math.nan
+        if self._stage.is_last:
+            mean = self._global_loss(step, losses) if self._global_loss is not None else sum(losses)
         if len(self._stage_ranks) == 1:
             return mean
         verdict = torch.tensor([mean], dtype=torch.float64)

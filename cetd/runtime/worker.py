@@ -20,7 +20,7 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -34,7 +34,7 @@ from cetd.errors import JobError
 from cetd.runtime.checkpoint import checkpoint_folder, disk_error, prune_replicas, shard_file_name, write_file_atomic
 from cetd.runtime.checkpoint_state import OptimizerSlot, ShardMeta, encode_shard, load_optimizer_state
 from cetd.runtime.collectives import all_reduce_
-from cetd.runtime.data_parallel import DataParallelRunner
+from cetd.runtime.data_parallel import DataParallelRunner, all_reduce_gradients_, global_loss
 from cetd.runtime.job_protocol import (
     CONTROL_SPEC,
     START_SPEC,
@@ -55,6 +55,11 @@ from cetd.runtime.job_protocol import (
     micro_batch_size,
     optimizer_key,
     parameter_key,
+    pipeline_ranks,
+    replica_count,
+    replica_gradient_key,
+    replica_loss_key,
+    stage_replica_ranks,
     start_key,
     tensor_parallel_key,
     worker_ranks,
@@ -189,7 +194,13 @@ def run_worker(
         raise ValueError(f"worker rank {rank} was given the channel of rank {channel.rank}")
     _set_threads(num_threads)
     model, adapter = build_meta_model(description, dtype=torch_dtype(spec.precision))
-    check_plan(plan, num_blocks=adapter.num_blocks(model), num_heads=adapter.num_heads(), world_size=channel.world_size)
+    check_plan(
+        plan,
+        num_blocks=adapter.num_blocks(model),
+        num_heads=adapter.num_heads(),
+        world_size=channel.world_size,
+        sync_every=spec.sync_every,
+    )
     num_micro_batches = plan.micro_batches
     size = micro_batch_size(spec.global_batch, num_micro_batches)
     all_reduce = (
@@ -392,19 +403,7 @@ def _make_runner(
 ) -> _StepRunner:
     settings = adamw_settings(spec)
     if plan.parallelism == "pipeline":
-        dtype, shape = adapter.hidden_spec(size, spec.seq_len)
-        ranks = worker_ranks(plan)
-        return PipelineStageRunner(
-            share.module,
-            channel,
-            stage_index=ranks.index(channel.rank),
-            stage_ranks=ranks,
-            schedule=plan.schedule,
-            num_micro_batches=plan.micro_batches,
-            hidden_spec=TensorSpec(dtype=dtype, shape=shape),
-            optimizer=settings,
-            recv_timeout=timeout,
-        )
+        return _pipeline_runner(spec, plan, share, adapter, channel, size=size, timeout=timeout)
     # Data parallel: the replicas; single and tensor parallel: one "replica" each (every tensor-parallel
     # rank computes the whole loss), so its all-reduce of gradients is a no-op.
     replicas = worker_ranks(plan) if plan.parallelism == "data" else [channel.rank]
@@ -417,6 +416,62 @@ def _make_runner(
         sync_every=spec.sync_every if plan.parallelism == "data" else 1,
         sync_initial_parameters=False,  # the driver sent every replica the same weights
         timeout=timeout,
+    )
+
+
+def _pipeline_runner(
+    spec: JobSpec,
+    plan: JobPlan,
+    share: Share,
+    adapter: ModelAdapter,
+    channel: PeerChannel,
+    *,
+    size: int,
+    timeout: timedelta,
+) -> PipelineStageRunner:
+    """This worker's stage of its pipeline replica; with several replicas, hooked to the other replicas.
+
+    Every replica scales its losses by 1/M of the whole batch; the last stages gather the step's loss
+    in global micro-batch order, and after the tied weights are summed within each replica, each
+    stage's gradients are summed across the replicas of that stage: together that is one device's
+    gradient on the whole batch, and every replica takes the same AdamW step.
+    """
+    worker = plan.worker(channel.rank)
+    dtype, shape = adapter.hidden_spec(size, spec.seq_len)
+    replicas = replica_count(plan)
+    gather: Callable[[int, list[float]], float] | None = None
+    all_reduce: Callable[[int], None] | None = None
+    if replicas > 1:
+        last_stages = [pipeline_ranks(plan, replica)[-1] for replica in range(replicas)]
+        peers = stage_replica_ranks(plan, worker.stage)
+        parameters = list(share.module.parameters())
+
+        def gather(step: int, losses: list[float]) -> float:
+            return global_loss(
+                channel,
+                losses,
+                ranks=last_stages,
+                num_micro_batches=plan.micro_batches,
+                key=replica_loss_key(step),
+                timeout=timeout,
+            )
+
+        def all_reduce(step: int) -> None:
+            all_reduce_gradients_(channel, parameters, ranks=peers, key=replica_gradient_key(step), timeout=timeout)
+
+    return PipelineStageRunner(
+        share.module,
+        channel,
+        stage_index=worker.stage,
+        stage_ranks=pipeline_ranks(plan, worker.dp_index),
+        schedule=plan.schedule,
+        num_micro_batches=len(share.micro_batches),
+        hidden_spec=TensorSpec(dtype=dtype, shape=shape),
+        optimizer=adamw_settings(spec),
+        recv_timeout=timeout,
+        before_optimizer_step=all_reduce,
+        loss_scale_count=plan.micro_batches,
+        global_loss=gather,
     )
 
 
