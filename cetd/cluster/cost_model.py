@@ -1,7 +1,10 @@
 """Predicted step time, memory and energy of a plan: what the planner compares candidate plans by.
 
-Inputs per device: seconds per transformer block forward+backward per sample (measured by the daemon's
-profiler, else estimated from its cores), memory, power profile; per device pair: bandwidth and latency.
+Inputs per device: seconds per transformer block forward+backward per sample, the embedding's and the
+head's cost in blocks and one AdamW step's seconds per parameter (each device times the job's own shapes,
+`cetd.runtime.profiling`; else estimated from its cores), memory, power profile; per device pair:
+bandwidth and latency. Every plan's step ends with each worker's AdamW step over its share's parameters,
+so the slowest of those is added to the step.
 The model, per parallelism (b samples per micro-batch, M micro-batches, S stages, L blocks):
 
 - pipeline: stages and the links between them are a chain of resources each micro-batch passes; with
@@ -42,9 +45,12 @@ __all__ = [
     "block_seconds_per_sample",
     "estimated_block_seconds",
     "link_between",
+    "measured_costs",
     "model_costs",
+    "optimizer_seconds_per_parameter",
     "power_profile",
     "predict",
+    "speed_source",
     "stage_memory",
     "training_memory",
 ]
@@ -71,7 +77,13 @@ cost ≈ 13 blocks (≈ 1.2). An earlier value of 0.15 came from mixing those tw
 head look free, so the planner put it on slow devices."""
 
 EMBEDDING_BLOCKS = 0.05
-"""An embedding lookup and its scattered gradient, in blocks."""
+"""An embedding lookup and its scattered gradient, in blocks (when no device measured it)."""
+
+OPTIMIZER_SECONDS_PER_PARAMETER = 4e-9
+"""One AdamW step per parameter on a CPU when not measured (measured here on one thread: 1.6–5.3 ns)."""
+
+ACCELERATOR_OPTIMIZER_SECONDS_PER_PARAMETER = 0.5e-9
+"""The same on an edge GPU (memory bound)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,6 +101,12 @@ class DeviceOffer:
     """Name of its power profile (`cetd.cluster.power.BUILTIN_PROFILES`); "" = `DEFAULT_PROFILE`."""
     accelerator: bool = False
     """It trains on an accelerator (GPU) rather than its CPU cores."""
+    embedding_blocks: float | None = None
+    """The embedding's forward+backward in blocks, as this device measured it for the job; None: estimated."""
+    head_blocks: float | None = None
+    """The head's and its loss's forward+backward in blocks, as measured; None: estimated."""
+    optimizer_seconds_per_parameter: float | None = None
+    """One AdamW step per parameter, as measured; None: estimated."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -184,6 +202,25 @@ def model_costs(spec: JobSpec, description: ModelDescription, *, embedding_block
     )
 
 
+def measured_costs(spec: JobSpec, description: ModelDescription, offers: Sequence[DeviceOffer]) -> ModelCosts:
+    """`model_costs` with the embedding's and head's loads that the offers measured (their median), where any did."""
+
+    def median(values: list[float]) -> float | None:
+        values = sorted(values)
+        return values[len(values) // 2] if values else None
+
+    return model_costs(spec, description,
+                       embedding_blocks=median([o.embedding_blocks for o in offers if o.embedding_blocks is not None]),
+                       head_blocks=median([o.head_blocks for o in offers if o.head_blocks is not None]))
+
+
+def optimizer_seconds_per_parameter(offer: DeviceOffer) -> float:
+    """The measured AdamW seconds per parameter, else the estimate for its kind of device."""
+    if offer.optimizer_seconds_per_parameter is not None:
+        return offer.optimizer_seconds_per_parameter
+    return ACCELERATOR_OPTIMIZER_SECONDS_PER_PARAMETER if offer.accelerator else OPTIMIZER_SECONDS_PER_PARAMETER
+
+
 def estimated_block_seconds(spec: JobSpec, description: ModelDescription, offer: DeviceOffer) -> float:
     """Seconds per block forward+backward per sample, from FLOPs and the device's cores (no measurement)."""
     seq, hidden = spec.seq_len, description.hidden_size
@@ -193,6 +230,14 @@ def estimated_block_seconds(spec: JobSpec, description: ModelDescription, offer:
     if spec.precision == "float64":
         rate /= 2
     return flops / rate
+
+
+def speed_source(offer: DeviceOffer) -> str:
+    """``measured``: the device timed the job's own shapes; ``profiled``: its reference block, scaled by
+    FLOPs; ``estimated``: from its cores (or accelerator) alone."""
+    if offer.block_seconds is None or offer.block_seconds <= 0:
+        return "estimated"
+    return "measured" if offer.optimizer_seconds_per_parameter is not None else "profiled"
 
 
 def block_seconds_per_sample(spec: JobSpec, description: ModelDescription, offer: DeviceOffer) -> float:
@@ -273,6 +318,10 @@ class Prediction:
     """The device (or ``link A-B``) that sets the pace."""
     notes: tuple[str, ...] = ()
     source: str = "model"
+    block_seconds: dict[str, float] = field(default_factory=dict)
+    """Per device ID: the block time per sample the forecast used."""
+    speed_source: dict[str, str] = field(default_factory=dict)
+    """Per device ID: where that time came from (`speed_source`)."""
 
     def fits(self, offers: Mapping[str, DeviceOffer]) -> bool:
         """Every device's predicted memory within what it offers."""
@@ -291,7 +340,7 @@ def predict(spec: JobSpec, description: ModelDescription, plan: JobPlan, offers:
     missing = sorted({w.device_id for w in plan.workers} - set(by_id))
     if missing:
         raise JobError(f"the plan names device(s) {', '.join(missing)} that are not available")
-    costs = costs or model_costs(spec, description)
+    costs = costs or measured_costs(spec, description, offers)
     speed = {d: block_seconds_per_sample(spec, description, o) for d, o in by_id.items()}
     timing: _Timing
     if plan.parallelism == "tensor":
@@ -300,6 +349,7 @@ def predict(spec: JobSpec, description: ModelDescription, plan: JobPlan, offers:
         timing = _data(spec, description, costs, plan.workers, speed, links)
     else:
         timing = _pipelines(spec, description, costs, plan.workers, speed, links)
+    _add_optimizer_steps(timing, description, costs, plan, by_id)
     joules: dict[str, float] = {}
     for device_id in timing.memory:
         offer, profile = by_id[device_id], power_profile(by_id[device_id], profiles)
@@ -312,7 +362,8 @@ def predict(spec: JobSpec, description: ModelDescription, plan: JobPlan, offers:
         step_seconds=timing.step, seconds_per_sample=timing.step / samples,
         joules_per_sample=sum(joules.values()) / samples, memory_bytes=timing.memory, busy_seconds=timing.busy,
         joules=joules, bytes_sent={d: round(b) for d, b in timing.sent.items()}, bottleneck=timing.bottleneck,
-        notes=tuple(timing.notes),
+        notes=tuple(timing.notes), block_seconds={d: speed[d] for d in timing.memory},
+        speed_source={d: speed_source(by_id[d]) for d in timing.memory},
     )
 
 
@@ -462,6 +513,31 @@ def _pipelines(spec: JobSpec, description: ModelDescription, costs: ModelCosts,
         timing.notes.append(f"{len(replicas)} pipeline replicas; gradient all-reduce {sync:.3f} s per step")
     timing.step = slowest + sync
     return timing
+
+
+def _worker_parameters(description: ModelDescription, costs: ModelCosts, plan: JobPlan,
+                       worker: WorkerAssignment) -> int:
+    """Parameters the worker's optimizer steps over (a pipeline stage, a tensor-parallel slice, or all)."""
+    if plan.parallelism == "pipeline":
+        stages = 1 + max(w.stage for w in plan.workers if w.dp_index == worker.dp_index)
+        return _stage_parameters(costs, worker, worker.stage, stages)
+    if plan.parallelism == "tensor":
+        return costs.ends_parameters + description.num_blocks * costs.block_parameters // len(plan.workers)
+    return description.parameter_count
+
+
+def _add_optimizer_steps(timing: _Timing, description: ModelDescription, costs: ModelCosts, plan: JobPlan,
+                         offers: Mapping[str, DeviceOffer]) -> None:
+    """Every worker ends the step with AdamW over its parameters; the step waits for the slowest."""
+    slowest = 0.0
+    for worker in plan.workers:
+        seconds = (_worker_parameters(description, costs, plan, worker)
+                   * optimizer_seconds_per_parameter(offers[worker.device_id]))
+        timing.busy[worker.device_id] += seconds
+        slowest = max(slowest, seconds)
+    timing.step += slowest
+    if slowest > 0:
+        timing.notes.append(f"optimizer step {slowest:.3f} s")
 
 
 def _stage_parameters(costs: ModelCosts, worker: WorkerAssignment, stage: int, stages: int) -> int:

@@ -37,7 +37,7 @@ from cetd.cluster.cost_model import (
     bytes_per_number,
     in_flight,
     link_between,
-    model_costs,
+    measured_costs,
     power_profile,
     predict,
     stage_memory,
@@ -395,7 +395,8 @@ def plan_with_prediction(spec: JobSpec, description: ModelDescription, offers: S
     if spec.devices > len(offers):
         raise JobError(f"the job asks for {spec.devices} devices but only {len(offers)} are alive")
     search = _Search(spec=spec, description=description, offers=sorted(offers, key=lambda o: o.device_id),
-                     objective=objective, profiles=profiles, links=links, costs=model_costs(spec, description),
+                     objective=objective, profiles=profiles, links=links,
+                     costs=measured_costs(spec, description, offers),
                      speed={o.device_id: block_seconds_per_sample(spec, description, o) for o in offers})
     parallelisms: list[Parallelism]
     if spec.parallelism == "auto":

@@ -173,7 +173,7 @@ class Daemon:
         host = advertise_host(config)
         async with contextlib.AsyncExitStack() as stack:
             jobs = JobManager(node, self.state, host=host, worker_threads=config.training.worker_threads,
-                              checkpoint_dir=config.checkpoint_path)
+                              checkpoint_dir=config.checkpoint_path, profile=config.device.profile)
             stack.push_async_callback(jobs.close)
             member = await stack.enter_async_context(MemberEndpoint(
                 node, node.material, host=config.daemon.listen_host, port=config.daemon.port,
@@ -201,7 +201,8 @@ class Daemon:
             heartbeats = asyncio.get_running_loop().create_task(node.run(), name="heartbeats")
             if config.device.profile:
                 profiling = asyncio.get_running_loop().create_task(keep_profiled(
-                    self.state.path, threads, lambda: node.capabilities, node.update_capabilities, node.busy),
+                    self.state.path, threads, lambda: node.capabilities, node.update_capabilities, node.busy,
+                    lock=jobs.shapes.lock),
                     name="profiler")
                 stack.push_async_callback(_cancel, profiling)
             await jobs.resume_unfinished()

@@ -30,13 +30,15 @@ from cetd.cluster.power import EnergyModel
 from cetd.errors import CetdError, JobError, NotAuthorizedError, UnavailableError
 from cetd.identity import StateDir
 from cetd.ids import DeviceId
-from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, WorkerAssignment, from_json, to_json
+from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, ShapeTimes, WorkerAssignment, from_json, to_json
 from cetd.transport.job_types import (
     JobEvent,
     JobState,
     JobStatus,
     LaunchResult,
     PlanAnswer,
+    ProfileAnswer,
+    ProfileQuery,
     WorkerEndpoint,
     WorkerLaunch,
     WorkerUsage,
@@ -48,6 +50,7 @@ from .job_process import JobProcess
 from .job_store import JobStore, StoredJob
 from .job_supervisor import JobRecord, JobSupervisor
 from .planning_inputs import energy_model, member_offers, peer_map, planning_inputs
+from .shape_profiles import ShapeProfiles
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ class JobManager:
     """Implements `JobsHandler` for one daemon."""
 
     def __init__(self, node: HouseholdNode, state: StateDir, *, host: str, worker_threads: int,
-                 checkpoint_dir: Path) -> None:
+                 checkpoint_dir: Path, profile: bool = True) -> None:
         self._node = node
         self._state = state
         self._host = host
@@ -78,11 +81,13 @@ class JobManager:
         self._worker_follow: dict[str, asyncio.Task[Any]] = {}
         self._worker_failure: dict[str, tuple[str, bool]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.shapes = ShapeProfiles(state.path, self.worker_threads, enabled=profile, me=self.me,
+                                    remote=lambda device_id: self._client(device_id).profile,
+                                    busy=lambda: bool(self._workers))  # a job trains here
 
     @property
     def me(self) -> DeviceId:
         return self._node.identity.device_id
-
 
     def coordinator_id(self) -> DeviceId | None:
         return self._node.election.coordinator_id
@@ -285,8 +290,9 @@ class JobManager:
             job_id=job_id, state=JobState.LAUNCHING, spec_json=spec_json, submitter_id=caller,
             steps_total=spec.steps, created_at=time.time())))
         unusable = set(exclude) | self._draining
+        shapes = await self.shapes.gather(self.live_devices(), description_json, spec, measure=not resume)
         for attempt in range(3):
-            offers = [o for o in self._offers(description, spec.seq_len) if o.device_id not in unusable]
+            offers = [o for o in self._offers(description, spec.seq_len, shapes) if o.device_id not in unusable]
             planned_spec = spec
             if resume and spec.devices > len(offers) >= 1:
                 # After a failure the job goes on with what is left rather than waiting for the lost device.
@@ -334,8 +340,13 @@ class JobManager:
                 raise result
         return endpoints, failed
 
-    def _offers(self, description: ModelDescription | None = None, seq_len: int = 32) -> list[DeviceOffer]:
-        return member_offers(self._node, description, seq_len)
+    def _offers(self, description: ModelDescription | None = None, seq_len: int = 32,
+                shapes: dict[str, ShapeTimes] | None = None) -> list[DeviceOffer]:
+        return member_offers(self._node, description, seq_len, shapes)
+
+    async def profile(self, query: ProfileQuery, caller: DeviceId) -> ProfileAnswer:
+        """The Profile RPC: this device's times for the job's shapes (`shape_profiles`)."""
+        return await self.shapes.answer(query)
 
     async def plan(self, spec_json: str, description_json: str, remove: tuple[str, ...], add_json: str,
                    caller: DeviceId) -> PlanAnswer:
@@ -347,7 +358,8 @@ class JobManager:
         if coordinator != self.me:
             return await self._client(coordinator).plan(spec_json, description_json, remove, add_json)
         description = from_json(ModelDescription, description_json)
-        offers = [o for o in self._offers(description, spec.seq_len) if o.device_id not in self._draining]
+        shapes = await self.shapes.gather(self.live_devices(), description_json, spec, measure=True)
+        offers = [o for o in self._offers(description, spec.seq_len, shapes) if o.device_id not in self._draining]
         try:
             added = [DeviceOffer(**d) for d in json.loads(add_json or "[]")]
         except (TypeError, ValueError) as error:

@@ -7,6 +7,8 @@ the numbers the planner sees are defined in one place.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from cetd.cluster.cost_model import Link
@@ -14,7 +16,7 @@ from cetd.cluster.planner import DeviceOffer
 from cetd.cluster.power import EnergyModel, PowerProfile, profile_for
 from cetd.identity import tls_server_name
 from cetd.ids import DeviceId
-from cetd.runtime.spec import ModelDescription
+from cetd.runtime.spec import ModelDescription, ShapeTimes
 from cetd.transport.job_types import WorkerEndpoint
 
 from .household import HouseholdNode
@@ -45,17 +47,27 @@ def power_profile(name: str) -> PowerProfile:
     return profile_for(name or DEFAULT_PROFILE)
 
 
-def member_offers(node: HouseholdNode, description: ModelDescription | None = None,
-                  seq_len: int = 32) -> list[DeviceOffer]:
-    """The live members as the planner sees them, with their profiled speed scaled to the model."""
+def member_offers(node: HouseholdNode, description: ModelDescription | None = None, seq_len: int = 32,
+                  shapes: Mapping[str, ShapeTimes] | None = None) -> list[DeviceOffer]:
+    """The live members as the planner sees them: with the times each measured for the job's own shapes
+    (``shapes``, by device ID), else their reference block's time scaled to the model."""
     infos = [node.self_info, *node.table.alive_info(time.monotonic()).values()]
-    return [
-        DeviceOffer(device_id=i.device_id, memory_bytes=i.capabilities.memory_bytes, cores=i.capabilities.cores,
-                    rank=i.capabilities.rank, power_profile=i.capabilities.power_profile,
-                    accelerator=bool(i.capabilities.accelerator),
-                    block_seconds=scale_block_seconds(i.capabilities.block_seconds, description, seq_len))
-        for i in infos if node.roster.roster.is_member(i.device_id)
-    ]
+    offers = []
+    for info in infos:
+        if not node.roster.roster.is_member(info.device_id):
+            continue
+        capabilities = info.capabilities
+        offer = DeviceOffer(device_id=info.device_id, memory_bytes=capabilities.memory_bytes, cores=capabilities.cores,
+                            rank=capabilities.rank, power_profile=capabilities.power_profile,
+                            accelerator=bool(capabilities.accelerator),
+                            block_seconds=scale_block_seconds(capabilities.block_seconds, description, seq_len))
+        measured = (shapes or {}).get(info.device_id)
+        if measured is not None:
+            offer = replace(offer, block_seconds=measured.block_seconds, embedding_blocks=measured.embedding_blocks,
+                            head_blocks=measured.head_blocks,
+                            optimizer_seconds_per_parameter=measured.optimizer_seconds_per_parameter)
+        offers.append(offer)
+    return offers
 
 
 def planning_inputs(node: HouseholdNode, offers: list[DeviceOffer]) -> tuple[dict[str, PowerProfile], dict[Any, Link]]:

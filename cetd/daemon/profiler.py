@@ -56,13 +56,19 @@ async def profile_device(state_dir: Path, threads: int) -> float:
 
 async def keep_profiled(state_dir: Path, threads: int, capabilities: Callable[[], Capabilities],
                         publish: Callable[[Capabilities], None], busy: Callable[[], bool],
-                        first_delay: timedelta = timedelta(seconds=5)) -> None:
-    """Background task: profile when there is no fresh measurement and no job runs; publish the result."""
+                        first_delay: timedelta = timedelta(seconds=5), lock: asyncio.Lock | None = None) -> None:
+    """Background task: profile when there is no fresh measurement and no job runs; publish the result.
+
+    ``lock`` is held while measuring: the shape profiler (`cetd.daemon.shape_profiles`) holds it too, so
+    two measurements never share the device's cores.
+    """
+    lock = lock or asyncio.Lock()
     await asyncio.sleep(first_delay.total_seconds())
     while True:
         if load_profile(state_dir, threads) <= 0 and not busy():
             try:
-                seconds = await profile_device(state_dir, threads)
+                async with lock:
+                    seconds = await profile_device(state_dir, threads)
             except (CetdError, OSError) as error:
                 logger.warning("device profiling failed: %s", error)
             else:

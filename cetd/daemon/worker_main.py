@@ -16,6 +16,12 @@ The daemon talks to it over stdin/stdout, one JSON object per line:
     daemon → process   {"abort": "reason"} (a peer is dead: end the step now) | {"migrate": true}
                         (checkpoint at the next step boundary and stop, e.g. a device drains)
 
+A profiler process gets one line and answers one:
+
+    daemon → process   {"role": "profile", "threads", "description"?, "micro_batch"?, "seq_len"?, "precision"?}
+    process → daemon   {"event": "profiled", "times": {...}} (the model's shapes) | {"event": "profiled",
+                        "block_seconds"} (the reference block)
+
 This process is the composition root for torch work: it owns the tensor channel (mutual TLS with the
 device's identity; peers are checked against the roster) and runs the runtime's driver or worker.
 """
@@ -212,13 +218,23 @@ def run_worker_process(launch: dict[str, Any], link: DaemonLink) -> None:
 
 
 def run_profile(launch: dict[str, Any]) -> None:
-    """Time one reference transformer block (GPT-2 small's shape, 8 × 32 tokens), forward + backward."""
+    """Time the launch's model at its micro-batch shape (`cetd.runtime.profiling`); without a model, one
+    reference transformer block (GPT-2 small's shape, 8 × 32 tokens), forward + backward."""
     import time
 
     import torch
     from transformers import GPT2Config
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
+    if "description" in launch:
+        from cetd.runtime.profiling import profile_shape
+        from cetd.runtime.worker import torch_dtype
+
+        description = from_json(ModelDescription, json.dumps(launch["description"]))
+        shape = profile_shape(description, micro_batch=int(launch["micro_batch"]), seq_len=int(launch["seq_len"]),
+                              dtype=torch_dtype(str(launch.get("precision", "float32"))))
+        emit("profiled", times=json.loads(to_json(shape)), threads=torch.get_num_threads())
+        return
     config = GPT2Config(n_embd=768, n_head=12, n_positions=64)
     config._attn_implementation = "eager"  # as every training stage runs it
     block = GPT2Block(config)  # type: ignore[no-untyped-call]  # transformers ships no types

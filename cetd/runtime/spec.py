@@ -169,6 +169,20 @@ class StepReport:
     """Wall time of this step."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShapeTimes:
+    """A device's measured times for one model at one micro-batch shape (`cetd.runtime.profiling`)."""
+
+    block_seconds: float
+    """One transformer block, forward + backward, per sample."""
+    embedding_blocks: float
+    """The embedding's forward + backward, in blocks."""
+    head_blocks: float
+    """The head and its loss, forward + backward, in blocks."""
+    optimizer_seconds_per_parameter: float
+    """One AdamW step, per parameter."""
+
+
 def to_json(value: Any) -> str:
     """Serialize one of this module's dataclasses (nested ones included)."""
     return json.dumps(dataclasses.asdict(value), sort_keys=True)

@@ -119,6 +119,26 @@ class WorkerUsage:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ProfileQuery:
+    """The coordinator's question to a device: how fast are this model's layers at this shape here?"""
+
+    description_json: str
+    micro_batch: int
+    seq_len: int
+    precision: str
+    measure: bool
+    """Time the shape now when it is not cached (and the device is idle); else answer from the cache."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProfileAnswer:
+    """A device's times for a shape (`cetd.runtime.profiling.ShapeTimes` as JSON), or why it has none."""
+
+    times_json: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PlanAnswer:
     """`cetctl plan --what-if`: the plan, its forecast and why devices were left out (JSON documents)."""
 

@@ -18,6 +18,8 @@ from cetd.transport.job_types import (
     JobStatus,
     LaunchResult,
     PlanAnswer,
+    ProfileAnswer,
+    ProfileQuery,
     WorkerEndpoint,
     WorkerLaunch,
     WorkerUsage,
@@ -51,6 +53,7 @@ class JobsHandler(Protocol):
                    caller: DeviceId) -> PlanAnswer: ...
     async def worker_failed(self, job_id: str, device_id: str, reason: str, fatal: bool,
                             caller: DeviceId) -> None: ...
+    async def profile(self, request: ProfileQuery, caller: DeviceId) -> ProfileAnswer: ...
 
 
 class JobsServicer(pb_grpc.JobsServicer):
@@ -122,6 +125,12 @@ class JobsServicer(pb_grpc.JobsServicer):
         await answer(context, self._handler.worker_failed(request.job_id, request.device_id, request.reason,
                                                           request.fatal, CALLER.get()))
         return pb.WorkerAck()
+
+    async def Profile(self, request: pb.ProfileRequest, context: Context) -> pb.ProfileResponse:
+        query = ProfileQuery(description_json=request.description_json, micro_batch=request.micro_batch,
+                             seq_len=request.seq_len, precision=request.precision, measure=request.measure)
+        result = await answer(context, self._handler.profile(query, CALLER.get()))
+        return pb.ProfileResponse(times_json=result.times_json, reason=result.reason)
 
 
 def add_jobs_service(handler: JobsHandler) -> Any:
@@ -216,3 +225,9 @@ class JobsClient:
                             timeout: timedelta = DEFAULT_TIMEOUT) -> None:
         request = pb.WorkerFailure(job_id=job_id, device_id=device_id, reason=reason, fatal=fatal)
         await call_rpc(self._target, self._stub.WorkerFailed(request, timeout=timeout.total_seconds()))
+
+    async def profile(self, query: ProfileQuery, timeout: timedelta = timedelta(minutes=2)) -> ProfileAnswer:
+        request = pb.ProfileRequest(description_json=query.description_json, micro_batch=query.micro_batch,
+                                    seq_len=query.seq_len, precision=query.precision, measure=query.measure)
+        reply = await call_rpc(self._target, self._stub.Profile(request, timeout=timeout.total_seconds()))
+        return ProfileAnswer(times_json=reply.times_json, reason=reply.reason)

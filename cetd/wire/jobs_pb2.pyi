@@ -551,6 +551,65 @@ class PlanResponse(_message.Message):
 Global___PlanResponse: _TypeAlias = PlanResponse  # noqa: Y015
 
 @_typing.final
+class ProfileRequest(_message.Message):
+    """The coordinator asks every device it may plan on for the job's own shapes, timed there."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESCRIPTION_JSON_FIELD_NUMBER: _builtins.int
+    MICRO_BATCH_FIELD_NUMBER: _builtins.int
+    SEQ_LEN_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    MEASURE_FIELD_NUMBER: _builtins.int
+    description_json: _builtins.str
+    """The model as the submitting device described it (cetd/runtime/spec.py ModelDescription)."""
+    micro_batch: _builtins.int
+    seq_len: _builtins.int
+    precision: _builtins.str
+    """"float32" or "float64"."""
+    measure: _builtins.bool
+    """Time the shape now when it is not cached and no job runs on the device; else answer from the cache."""
+    def __init__(
+        self,
+        *,
+        description_json: _builtins.str = ...,
+        micro_batch: _builtins.int = ...,
+        seq_len: _builtins.int = ...,
+        precision: _builtins.str = ...,
+        measure: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description_json", b"description_json", "measure", b"measure", "micro_batch", b"micro_batch", "precision", b"precision", "seq_len", b"seq_len"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProfileRequest: _TypeAlias = ProfileRequest  # noqa: Y015
+
+@_typing.final
+class ProfileResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIMES_JSON_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    times_json: _builtins.str
+    """JSON of cetd/runtime/profiling.py ShapeTimes; "" when the device has no measurement (reason says why)."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        times_json: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "times_json", b"times_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProfileResponse: _TypeAlias = ProfileResponse  # noqa: Y015
+
+@_typing.final
 class JobReport(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

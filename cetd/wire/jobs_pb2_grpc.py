@@ -104,6 +104,11 @@ class JobsStub:
                 request_serializer=cetd_dot_wire_dot_jobs__pb2.WorkerFailure.SerializeToString,
                 response_deserializer=cetd_dot_wire_dot_jobs__pb2.WorkerAck.FromString,
                 _registered_method=True)
+        self.Profile = channel.unary_unary(
+                '/cetd.v1.Jobs/Profile',
+                request_serializer=cetd_dot_wire_dot_jobs__pb2.ProfileRequest.SerializeToString,
+                response_deserializer=cetd_dot_wire_dot_jobs__pb2.ProfileResponse.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
@@ -198,6 +203,13 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Profile(self, request, context):
+        """To any member, from the coordinator before it plans: this device's times for the job's shapes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -270,6 +282,11 @@ def add_JobsServicer_to_server(servicer, server):
                     servicer.WorkerFailed,
                     request_deserializer=cetd_dot_wire_dot_jobs__pb2.WorkerFailure.FromString,
                     response_serializer=cetd_dot_wire_dot_jobs__pb2.WorkerAck.SerializeToString,
+            ),
+            'Profile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Profile,
+                    request_deserializer=cetd_dot_wire_dot_jobs__pb2.ProfileRequest.FromString,
+                    response_serializer=cetd_dot_wire_dot_jobs__pb2.ProfileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -650,6 +667,33 @@ class Jobs:
             '/cetd.v1.Jobs/WorkerFailed',
             cetd_dot_wire_dot_jobs__pb2.WorkerFailure.SerializeToString,
             cetd_dot_wire_dot_jobs__pb2.WorkerAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Profile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cetd.v1.Jobs/Profile',
+            cetd_dot_wire_dot_jobs__pb2.ProfileRequest.SerializeToString,
+            cetd_dot_wire_dot_jobs__pb2.ProfileResponse.FromString,
             options,
             channel_credentials,
             insecure,

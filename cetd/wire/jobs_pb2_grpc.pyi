@@ -57,6 +57,8 @@ class JobsStub:
     """To a job's submitter, from the device whose worker process just failed (crash, out of memory, a
     peer violating the protocol): the driver aborts the step now instead of waiting for a timeout.
     """
+    Profile: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ProfileRequest, _jobs_pb2.ProfileResponse]
+    """To any member, from the coordinator before it plans: this device's times for the job's shapes."""
 
 @_typing.type_check_only
 class JobsAsyncStub(JobsStub):
@@ -81,6 +83,8 @@ class JobsAsyncStub(JobsStub):
     """To a job's submitter, from the device whose worker process just failed (crash, out of memory, a
     peer violating the protocol): the driver aborts the step now instead of waiting for a timeout.
     """
+    Profile: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ProfileRequest, _jobs_pb2.ProfileResponse]  # type: ignore[assignment]
+    """To any member, from the coordinator before it plans: this device's times for the job's shapes."""
 
 class JobsServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -186,5 +190,13 @@ class JobsServicer(metaclass=_abc_1.ABCMeta):
         """To a job's submitter, from the device whose worker process just failed (crash, out of memory, a
         peer violating the protocol): the driver aborts the step now instead of waiting for a timeout.
         """
+
+    @_abc_1.abstractmethod
+    def Profile(
+        self,
+        request: _jobs_pb2.ProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.ProfileResponse, _abc.Awaitable[_jobs_pb2.ProfileResponse]]:
+        """To any member, from the coordinator before it plans: this device's times for the job's shapes."""
 
 def add_JobsServicer_to_server(servicer: JobsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

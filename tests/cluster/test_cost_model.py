@@ -28,8 +28,9 @@ FAST = Link(bandwidth_bytes_per_second=1e18, latency_seconds=0.0, half_duplex=Fa
 
 
 def _offers(*block_seconds: float, memory: int = 16 * GIB) -> list[DeviceOffer]:
-    return [DeviceOffer(device_id=f"D{i + 1}", memory_bytes=memory, cores=1, block_seconds=s)
-            for i, s in enumerate(block_seconds)]
+    # No optimizer time: these tests check the schedule's arithmetic (see the optimizer test for its part).
+    return [DeviceOffer(device_id=f"D{i + 1}", memory_bytes=memory, cores=1, block_seconds=s,
+                        optimizer_seconds_per_parameter=0.0) for i, s in enumerate(block_seconds)]
 
 
 def _fast_links(offers: list[DeviceOffer]) -> dict[tuple[str, str], Link]:

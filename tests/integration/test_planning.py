@@ -74,6 +74,34 @@ def test_what_if_plans_without_running(household: Household, data: Path) -> None
     assert "NAME:CORES:MEMORY_GIB" in bad.stderr
 
 
+@pytest.mark.timeout(300)
+def test_the_plan_uses_each_devices_own_times_for_the_models_shapes(household: Household, data: Path) -> None:
+    # Device 2 profiles: asked by the coordinator, it times gpt2-tiny's block, embedding, head and AdamW at
+    # this micro-batch (2 × 16 tokens) in a job process, caches them (0600) and answers from the cache later.
+    # The others have profiling off: they answer from their (empty) caches, and are planned as before.
+    profiled = household.daemons[2]
+    args = ["plan", "--model", "gpt2-tiny", "--data", str(data), "--batch", "8", "--micro-batches", "4",
+            "--seq-len", "16", "--parallelism", "data", "--devices", "3"]
+    first = json.loads(household.daemons[0].cetctl(*args, timeout=240).stdout)["prediction"]
+    cached = list((profiled.state_dir / "profiles").glob("*.json"))
+    assert len(cached) == 1, cached
+    assert cached[0].stat().st_mode & 0o777 == 0o600
+    times = json.loads(cached[0].read_text())["times"]
+    assert first["speed_source"][str(profiled.device_id)] == "measured"
+    assert first["block_seconds"][str(profiled.device_id)] == times["block_seconds"]
+    assert 0 < times["block_seconds"] < 0.1
+    assert times["head_blocks"] > 0
+    assert times["optimizer_seconds_per_parameter"] > 0
+    others = [str(d.device_id) for d in household.daemons[:2]]
+    assert {first["speed_source"][d] for d in others} <= {"estimated", "profiled"}
+    assert not list((household.daemons[0].state_dir / "profiles").glob("*.json")), "profiling is off there"
+    # Asked again (another plan, a different parallelism, the same shapes): answered from the cache.
+    again = json.loads(household.daemons[1].cetctl(*args[:-4], "--parallelism", "pipeline", "--devices", "3",
+                                                   timeout=240).stdout)["prediction"]
+    assert again["block_seconds"][str(profiled.device_id)] == times["block_seconds"]
+    assert profiled.log().count("profiled gpt2 (hidden") == 1
+
+
 @pytest.mark.timeout(600)
 def test_energy_objective_picks_a_plan_that_uses_fewer_joules(household: Household, data: Path,
                                                              tmp_path: Path) -> None:

@@ -1,0 +1,173 @@
+"""Each device's times for a job's own layer shapes: measured on the coordinator's request, then cached.
+
+Before it plans a job, the coordinator asks every device it may plan on (`gather_shape_times`): how
+long do this model's block, embedding, head and AdamW step take here, at this micro-batch? A device
+answers from ``state_dir/profiles/<key>.json`` when it has timed the shape in the last week, else
+times it in a fresh job process (`cetd.runtime.profiling`, a one-block copy of the model, seconds) —
+but only while no job runs on it, since a measurement beside a running job would be skewed and would
+slow that job. A device that cannot answer in time is planned with its reference block scaled by
+FLOPs (`cetd.daemon.planning_inputs.scale_block_seconds`), as before. Re-plans after a failure ask
+the cache only, so recovery never waits on profiling.
+
+The key covers everything the times depend on: the model's config, the shape, the precision and the
+thread count a worker of this device uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+
+from cetd.errors import CetdError, JobError
+from cetd.identity import write_file_atomic
+from cetd.runtime.spec import JobSpec, ModelDescription, ShapeTimes, from_json
+from cetd.transport.job_types import ProfileAnswer, ProfileQuery
+
+from .job_process import JobProcess
+
+__all__ = ["ShapeProfiles", "gather_shape_times", "shape_key"]
+
+logger = logging.getLogger(__name__)
+
+PROFILES_DIR = "profiles"
+REFRESH = timedelta(days=7)
+"""A cached measurement older than this is taken again (a device's speed drifts with updates, thermals)."""
+MEASURE_TIMEOUT = timedelta(minutes=3)
+"""Longest a device spends timing one shape (a fresh process imports torch first)."""
+ASK_TIMEOUT = timedelta(minutes=4)
+"""Longest the coordinator waits for all devices' answers before planning without the missing ones."""
+
+
+def shape_key(description: ModelDescription, *, micro_batch: int, seq_len: int, precision: str, threads: int) -> str:
+    """A file-name-safe digest of everything a shape's times depend on."""
+    document = json.dumps({"config": description.config, "task": description.task, "micro_batch": micro_batch,
+                           "seq_len": seq_len, "precision": precision, "threads": threads}, sort_keys=True)
+    return hashlib.sha256(document.encode()).hexdigest()[:32]
+
+
+class ShapeProfiles:
+    """This device's side: answers `ProfileQuery` from its cache or by measuring."""
+
+    def __init__(self, state_dir: Path, threads: int, *, busy: Callable[[], bool], enabled: bool = True,
+                 me: str = "", remote: Callable[[str], Callable[[ProfileQuery], Awaitable[ProfileAnswer]]] | None = None
+                 ) -> None:
+        """Args:
+        state_dir: the daemon's state directory (the cache lives in its ``profiles`` folder).
+        threads: the compute threads a worker of this device uses (the measurement uses as many).
+        busy: whether a job runs on this device now (then nothing is measured).
+        enabled: ``device.profile``; off, this device measures nothing (it still answers from its cache).
+        me: this device's ID (answered locally by `gather`).
+        remote: device ID → its Profile RPC.
+        """
+        self._dir = state_dir / PROFILES_DIR
+        self._log = state_dir / "profile.log"
+        self._threads = threads
+        self._busy = busy
+        self._enabled = enabled
+        self._me = me
+        self._remote = remote
+        self.lock = asyncio.Lock()
+        """Held while measuring (here and by the daily reference profiler): one measurement at a time."""
+
+    async def gather(self, devices: Iterable[str], description_json: str, spec: JobSpec, *,
+                     measure: bool) -> dict[str, ShapeTimes]:
+        """The coordinator's side: ``devices``' times for ``spec``'s shapes (`gather_shape_times`)."""
+        query = ProfileQuery(description_json=description_json, micro_batch=spec.global_batch // spec.micro_batches,
+                             seq_len=spec.seq_len, precision=spec.precision, measure=measure)
+
+        async def ask(device_id: str, query: ProfileQuery) -> ProfileAnswer:
+            if device_id == self._me or self._remote is None:
+                return await self.answer(query)
+            return await self._remote(device_id)(query)
+
+        return await gather_shape_times(devices, query, ask)
+
+    def cached(self, key: str) -> ShapeTimes | None:
+        """The stored times for ``key`` when fresh, else None (a damaged file counts as none)."""
+        try:
+            data = json.loads((self._dir / f"{key}.json").read_text())
+            if time.time() - float(data["at"]) > REFRESH.total_seconds():
+                return None
+            return from_json(ShapeTimes, json.dumps(data["times"]))
+        except (OSError, ValueError, KeyError, TypeError, JobError):
+            return None
+
+    async def answer(self, query: ProfileQuery) -> ProfileAnswer:
+        """The times for the query's shape; measured now when asked to, not cached and idle.
+
+        Raises:
+            JobError: a malformed query (the description, the shape or the precision).
+        """
+        description = from_json(ModelDescription, query.description_json)
+        if query.micro_batch < 1 or query.seq_len < 2 or query.precision not in ("float32", "float64"):
+            raise JobError(f"cannot profile a micro-batch of {query.micro_batch} × {query.seq_len} tokens in "
+                           f"{query.precision!r}")
+        key = shape_key(description, micro_batch=query.micro_batch, seq_len=query.seq_len,
+                        precision=query.precision, threads=self._threads)
+        found = self.cached(key)
+        if found is None and query.measure and self._enabled:
+            async with self.lock:
+                found = self.cached(key)  # another request may have measured it meanwhile
+                if found is None:
+                    if self._busy():
+                        return ProfileAnswer(times_json="", reason="a job runs on this device; not profiled now")
+                    found = await self._measure(key, query, description)
+        if found is None:
+            return ProfileAnswer(times_json="", reason="this shape has not been profiled here")
+        return ProfileAnswer(times_json=json.dumps(asdict(found), sort_keys=True))
+
+    async def _measure(self, key: str, query: ProfileQuery, description: ModelDescription) -> ShapeTimes:
+        process = JobProcess(name="the shape profiler", log_path=self._log)
+        started = time.monotonic()
+        await process.start({"role": "profile", "threads": self._threads,
+                             "description": json.loads(query.description_json), "micro_batch": query.micro_batch,
+                             "seq_len": query.seq_len, "precision": query.precision})
+        try:
+            event = await process.expect("profiled", MEASURE_TIMEOUT)
+        finally:
+            await process.stop()
+        times = from_json(ShapeTimes, json.dumps(event["times"]))
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_file_atomic(self._dir / f"{key}.json",
+                          json.dumps({"times": asdict(times), "at": time.time()}).encode(), 0o600)
+        logger.info("profiled %s (hidden %d, %s) at %d × %d tokens in %.1f s: %.3f ms per block per sample, head "
+                    "%.2f blocks, embedding %.2f blocks, AdamW %.2f ns per parameter", description.family,
+                    description.hidden_size, query.precision, query.micro_batch, query.seq_len, time.monotonic() - started, times.block_seconds * 1e3,
+                    times.head_blocks, times.embedding_blocks, times.optimizer_seconds_per_parameter * 1e9)
+        return times
+
+
+Ask = Callable[[str, ProfileQuery], Awaitable[ProfileAnswer]]
+"""Ask one device (by ID) a `ProfileQuery`: the local `ShapeProfiles.answer` or the device's Profile RPC."""
+
+
+async def gather_shape_times(devices: Iterable[str], query: ProfileQuery, ask: Ask,
+                             timeout: timedelta = ASK_TIMEOUT) -> dict[str, ShapeTimes]:
+    """Every device's times for the query's shape, asked in parallel; those that fail or time out are left out
+    (and logged) — the planner then estimates them."""
+    ids = sorted(set(devices))
+
+    async def one(device_id: str) -> ShapeTimes | None:
+        try:
+            reply = await asyncio.wait_for(ask(device_id, query), timeout.total_seconds())
+        except (CetdError, OSError, TimeoutError) as error:
+            logger.warning("no shape profile from %s: %s", device_id, error or "timed out")
+            return None
+        if not reply.times_json:
+            logger.info("no shape profile from %s: %s", device_id, reply.reason)
+            return None
+        try:
+            return from_json(ShapeTimes, reply.times_json)
+        except JobError as error:
+            logger.warning("no shape profile from %s: %s", device_id, error)
+            return None
+
+    answers = await asyncio.gather(*(one(d) for d in ids))
+    return {d: times for d, times in zip(ids, answers, strict=True) if times is not None}

@@ -1,0 +1,115 @@
+"""Time a model's own layers on this device: what the planner's cost model needs, measured.
+
+Runs in a job process (`cetd.daemon.worker_main`, role ``profile``), with the thread count a worker of
+this device would use. The model is built from its described config with one block, so profiling a
+model that does not fit this device (a GPT-2 large on a 4 GB board) costs one block's memory, not the
+model's. The measured pieces, each at the job's micro-batch and sequence length, forward + backward:
+
+- one transformer block (the planner's unit of work);
+- the embedding (first stage) and the head with its loss (last stage), each as a multiple of a block;
+- one AdamW step, per parameter (it grows with the share's parameters, not with the batch).
+
+Small shapes are dominated by per-operator overhead, not FLOPs; that is why the shapes are the job's
+own rather than a reference block scaled by FLOPs. Each piece is timed several times and the fastest
+pass kept: outside load only ever adds time, and the planner wants the device's own speed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from cetd.runtime.models import adapter_for, disable_dropout
+from cetd.runtime.reference import AdamWSettings, build_adamw
+from cetd.runtime.spec import ModelDescription, ShapeTimes
+
+__all__ = ["profile_shape"]
+
+WARMUP = 2
+"""Passes left out before timing (caches, the allocator, lazily built kernels)."""
+
+
+def _one_block_model(description: ModelDescription, dtype: torch.dtype) -> torch.nn.Module:
+    config_dict = dict(description.config)
+    config_class = type(AutoConfig.for_model(config_dict["model_type"]))
+    config = config_class.from_dict(config_dict)
+    config.num_hidden_layers = 1  # every family maps this onto its own name (n_layer, n_layers…)
+    auto = AutoModelForCausalLM if description.task == "causal_lm" else AutoModelForSequenceClassification
+    model: torch.nn.Module = auto.from_config(config, attn_implementation="eager")  # type: ignore[no-untyped-call]
+    model = model.to(dtype)
+    disable_dropout(model)
+    return model
+
+
+def _batch(description: ModelDescription, micro_batch: int, seq_len: int) -> dict[str, torch.Tensor]:
+    vocab = int(description.config.get("vocab_size", 256) or 256)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    if description.task == "causal_lm":
+        batch["labels"] = ids.clone()
+    else:
+        labels = int(description.config.get("num_labels", 2) or 2)
+        batch["labels"] = torch.randint(0, labels, (micro_batch,), generator=generator)
+    return batch
+
+
+def _fastest(run: Callable[[], None], repeats: int) -> float:
+    times = []
+    for i in range(WARMUP + repeats):
+        started = time.perf_counter()
+        run()
+        if i >= WARMUP:
+            times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def profile_shape(description: ModelDescription, *, micro_batch: int, seq_len: int,
+                  dtype: torch.dtype = torch.float32, repeats: int = 5) -> ShapeTimes:
+    """Measure ``description``'s block, embedding, head and optimizer step at one micro-batch's shape.
+
+    Raises:
+        ValueError: a shape of zero samples or tokens.
+    """
+    if micro_batch < 1 or seq_len < 1:
+        raise ValueError(f"cannot profile a micro-batch of {micro_batch} × {seq_len} tokens")
+    model = _one_block_model(description, dtype)
+    adapter = adapter_for(model)
+    batch = _batch(description, micro_batch, seq_len)
+    embedding = adapter.make_stage(model, 0, 0, first=True, last=False)
+    block = adapter.make_stage(model, 0, 1, first=False, last=False)
+    head = adapter.make_stage(model, 1, 1, first=False, last=True)
+    fields: Mapping[str, torch.Tensor] = {k: v for k, v in batch.items() if k in embedding.batch_keys | block.batch_keys
+                                          | head.batch_keys}
+    with torch.no_grad():
+        hidden = embedding(None, fields).detach()
+
+    def run_block() -> None:
+        source = hidden.clone().requires_grad_(True)
+        out = block(source, fields)
+        out.backward(torch.ones_like(out))
+
+    def run_embedding() -> None:
+        out = embedding(None, fields)
+        out.backward(torch.ones_like(out))
+
+    def run_head() -> None:
+        head(hidden.clone().requires_grad_(True), fields).backward()
+
+    block_time = _fastest(run_block, repeats)
+    embedding_time = _fastest(run_embedding, repeats)
+    head_time = _fastest(run_head, repeats)
+    parameters = [p for p in block.parameters() if p.grad is not None]
+    optimizer = build_adamw(parameters, AdamWSettings(lr=1e-6))
+    count = sum(p.numel() for p in parameters)
+
+    optimizer_time = _fastest(optimizer.step, repeats)
+    return ShapeTimes(
+        block_seconds=block_time / micro_batch,
+        embedding_blocks=embedding_time / block_time,
+        head_blocks=head_time / block_time,
+        optimizer_seconds_per_parameter=optimizer_time / max(count, 1),
+    )
