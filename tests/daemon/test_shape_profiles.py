@@ -1,0 +1,112 @@
+"""Shape profiles on the daemon's side: measured once in a real job process, cached 0600, refused when busy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, replace
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from cetd.daemon.shape_profiles import PROFILES_DIR, ShapeProfiles, gather_shape_times
+from cetd.errors import JobError, UnavailableError
+from cetd.runtime.models.loading import load_model
+from cetd.runtime.spec import JobSpec, ShapeTimes, to_json
+from cetd.transport.job_types import ProfileAnswer, ProfileQuery
+
+
+def _description_json() -> str:
+    from cetd.runtime.driver import _describe
+
+    model, _, adapter = load_model("gpt2-tiny", seed=0)
+    return to_json(_describe(model, adapter))
+
+
+QUERY = ProfileQuery(description_json=_description_json(), micro_batch=2, seq_len=16, precision="float32",
+                     measure=True)
+
+
+@pytest.mark.timeout(180)
+def test_a_shape_is_measured_once_then_answered_from_the_cache(tmp_path: Path) -> None:
+    profiles = ShapeProfiles(tmp_path, threads=1, busy=lambda: False)
+    first = asyncio.run(profiles.answer(QUERY))
+    times = ShapeTimes(**json.loads(first.times_json))
+    assert times.block_seconds > 0
+    assert times.optimizer_seconds_per_parameter > 0
+    files = list((tmp_path / PROFILES_DIR).glob("*.json"))
+    assert len(files) == 1
+    assert files[0].stat().st_mode & 0o777 == 0o600
+    # Busy now, and profiling off on a second instance: both still answer from the cache, bit for bit.
+    busy = ShapeProfiles(tmp_path, threads=1, busy=lambda: True, enabled=False)
+    assert asyncio.run(busy.answer(QUERY)).times_json == first.times_json
+    # Another thread count is another measurement: not in the cache, and this device is busy.
+    other = ShapeProfiles(tmp_path, threads=2, busy=lambda: True)
+    refused = asyncio.run(other.answer(QUERY))
+    assert refused.times_json == ""
+    assert "a job runs on this device" in refused.reason
+
+
+def test_profiling_off_or_cache_only_measures_nothing(tmp_path: Path) -> None:
+    off = ShapeProfiles(tmp_path, threads=1, busy=lambda: False, enabled=False)
+    assert asyncio.run(off.answer(QUERY)).reason == "this shape has not been profiled here"
+    on = ShapeProfiles(tmp_path, threads=1, busy=lambda: False)
+    assert asyncio.run(on.answer(replace(QUERY, measure=False))).times_json == ""
+    assert not (tmp_path / PROFILES_DIR).exists()
+
+
+def test_a_damaged_cache_file_counts_as_none(tmp_path: Path) -> None:
+    profiles = ShapeProfiles(tmp_path, threads=1, busy=lambda: True)
+    (tmp_path / PROFILES_DIR).mkdir()
+    for key in ("a", "b"):
+        (tmp_path / PROFILES_DIR / f"{key}.json").write_text("{not json")
+    assert profiles.cached("a") is None
+    assert profiles.cached("missing") is None
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"description_json": "{}"}, "malformed ModelDescription"),
+    ({"micro_batch": 0}, "cannot profile a micro-batch of 0"),
+    ({"precision": "int8"}, "cannot profile"),
+])
+def test_a_malformed_query_is_refused_with_its_reason(tmp_path: Path, change: dict[str, object],
+                                                      message: str) -> None:
+    profiles = ShapeProfiles(tmp_path, threads=1, busy=lambda: False)
+    with pytest.raises(JobError, match=message):
+        asyncio.run(profiles.answer(replace(QUERY, **change)))
+
+
+def test_gather_keeps_the_devices_that_answered() -> None:
+    good = ShapeTimes(block_seconds=1e-3, embedding_blocks=0.1, head_blocks=2.0, optimizer_seconds_per_parameter=1e-9)
+
+    async def ask(device_id: str, query: ProfileQuery) -> ProfileAnswer:
+        if device_id == "down":
+            raise UnavailableError("device down is not reachable")
+        if device_id == "slow":
+            await asyncio.sleep(10)
+        if device_id == "garbled":
+            return ProfileAnswer(times_json="[1, 2]")
+        if device_id == "busy":
+            return ProfileAnswer(times_json="", reason="a job runs on this device")
+        return ProfileAnswer(times_json=json.dumps(asdict(good)))
+
+    found = asyncio.run(gather_shape_times(["ok", "down", "slow", "garbled", "busy"], QUERY, ask,
+                                           timeout=timedelta(seconds=0.5)))
+    assert found == {"ok": good}
+
+
+def test_the_coordinator_answers_itself_and_asks_the_others(tmp_path: Path) -> None:
+    asked: list[str] = []
+
+    def remote(device_id: str) -> Callable[[ProfileQuery], Awaitable[ProfileAnswer]]:
+        async def call(query: ProfileQuery) -> ProfileAnswer:
+            asked.append(device_id)
+            return ProfileAnswer(times_json="", reason="not profiled")
+        return call
+
+    profiles = ShapeProfiles(tmp_path, threads=1, busy=lambda: True, me="me", remote=remote)
+    spec = JobSpec(model="gpt2-tiny", data="d.jsonl", global_batch=8, micro_batches=4, seq_len=16)
+    assert asyncio.run(profiles.gather(["me", "a", "b"], QUERY.description_json, spec, measure=True)) == {}
+    assert sorted(asked) == ["a", "b"]

@@ -1,0 +1,56 @@
+"""Profiling a model's own shapes: one block of the model, timed at the job's micro-batch."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cetd.runtime.driver import Driver
+from cetd.runtime.profiling import _one_block_model, profile_shape
+from cetd.runtime.spec import JobSpec, ModelDescription
+
+
+def _describe(tmp_path: Path, model: str) -> ModelDescription:
+    data = tmp_path / "data.jsonl"
+    if model == "minilm":
+        data.write_text("".join(json.dumps({"question": f"q {i}", "sentence": f"s {i}", "label": i % 2}) + "\n"
+                                for i in range(8)))
+    else:
+        data.write_text("".join(json.dumps({"text": f"some words {i}"}) + "\n" for i in range(8)))
+    return Driver(JobSpec(model=model, data=str(data), seq_len=16)).describe()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("model", ["gpt2-tiny", "minilm"])
+def test_every_piece_is_timed_at_the_jobs_shape(tmp_path: Path, model: str) -> None:
+    description = _describe(tmp_path, model)
+    times = profile_shape(description, micro_batch=2, seq_len=16, repeats=2)
+    for value in (times.block_seconds, times.embedding_blocks, times.head_blocks,
+                  times.optimizer_seconds_per_parameter):
+        assert math.isfinite(value)
+        assert value > 0
+    assert times.block_seconds < 1.0  # one tiny block, per sample, on a CPU core
+
+
+@pytest.mark.timeout(120)
+def test_only_one_block_is_built_whatever_the_models_depth(tmp_path: Path) -> None:
+    description = _describe(tmp_path, "gpt2-tiny")
+    deep = ModelDescription(**{**_fields(description), "num_blocks": 48,
+                               "config": {**description.config, "n_layer": 48}})
+    model = _one_block_model(deep, torch.float32)
+    ends = description.parameter_count - description.num_blocks * description.block_parameter_count
+    assert sum(p.numel() for p in model.parameters()) == ends + description.block_parameter_count
+
+
+def test_an_empty_shape_is_refused(tmp_path: Path) -> None:
+    description = _describe(tmp_path, "gpt2-tiny")
+    with pytest.raises(ValueError, match="cannot profile a micro-batch of 0"):
+        profile_shape(description, micro_batch=0, seq_len=16)
+
+
+def _fields(description: ModelDescription) -> dict[str, object]:
+    return {name: getattr(description, name) for name in description.__dataclass_fields__}
