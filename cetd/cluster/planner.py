@@ -3,7 +3,7 @@
 Pure: a function of the job, the model's description, the devices on offer (with their measured speed,
 memory and power profile) and the links between them. It enumerates candidate plans — one device;
 data parallel over the fastest devices; tensor parallel; pipelines over subsets and orders of the
-devices with stage boundaries from an exact search; optionally pipeline × data hybrids — prices each
+devices with stage boundaries from an exact search; pipeline × data hybrids — prices each
 with `cetd.cluster.cost_model.predict`, drops every one that would exceed any device's memory, and keeps
 the best for the objective (``throughput``: seconds per sample; ``energy``: joules per sample). A device
 left out is named in the plan's reason with what including it would cost. It refuses with a sentence
@@ -13,9 +13,11 @@ Stage boundaries: for a chain of devices the pipeline step is Σ r + (M − 1) �
 times r. For every candidate bound B on the slowest stage, a dynamic programme over (stage, first block)
 finds the boundaries with the least total stage time whose stages all stay within B and within memory;
 the best B wins. That is exact for the cost model, and cheap because B stops growing once (M − 1) × B
-alone exceeds the best step found. Boundaries always minimise time (the fastest split of a given chain
-also keeps every device on for the least time); the energy objective acts through which devices,
-chains and parallelism are chosen.
+alone exceeds the best step found. The replicas of a pipeline × data hybrid share their boundaries (each
+stage's gradients are summed across its replicas), found by the same search over each stage position's
+slowest device, smallest memory and slowest link. Boundaries always minimise time (the fastest split of
+a given chain also keeps every device on for the least time); the energy objective acts through which
+devices, chains and parallelism are chosen.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from cetd.cluster.cost_model import (
     OPTIMIZER_COPIES,
@@ -67,6 +70,8 @@ EXHAUSTIVE_DEVICES = 5
 """Up to this many devices every subset is tried; above it, the fastest, the roomiest and the thriftiest."""
 
 _INFINITY = float("inf")
+
+_T = TypeVar("_T")
 
 
 def _gib(n: int) -> str:
@@ -155,26 +160,50 @@ def even_pipeline_plan(spec: JobSpec, description: ModelDescription, chain: Sequ
     return pipeline_plan(spec, chain, split_blocks(description.num_blocks, len(chain)))
 
 
-def _partition(search: _Search, chain: Sequence[DeviceOffer], micro_batches: int) -> list[tuple[int, int]] | None:
+@dataclass(frozen=True, slots=True)
+class _StageLimits:
+    """What the boundary search needs of a chain of stage positions (one pipeline, or R alike replicas)."""
+
+    speeds: list[float]
+    """Per stage: block seconds per sample (the slowest device at that position)."""
+    memories: list[int]
+    """Per stage: memory bytes (the smallest at that position)."""
+    links: list[float]
+    """Per boundary between stage s and s + 1: one micro-batch's seconds over it (the slowest link)."""
+
+
+def _stage_limits(search: _Search, chains: Sequence[Sequence[DeviceOffer]]) -> _StageLimits:
+    """Each stage position's slowest speed and smallest memory, and each boundary's slowest link, over
+    ``chains`` (equal-length device chains that will share stage boundaries)."""
+    micro = max(1, search.spec.global_batch // search.spec.micro_batches)
+    positions = list(zip(*chains, strict=True))
+    return _StageLimits(
+        speeds=[max(search.speed[d.device_id] for d in column) for column in positions],
+        memories=[min(d.memory_bytes for d in column) for column in positions],
+        links=[max(boundary_seconds(search.costs, micro, link_between(search.links, a.device_id, b.device_id))
+                   for a, b in zip(here, there, strict=True))
+               for here, there in itertools.pairwise(positions)],
+    )
+
+
+def _partition(search: _Search, limits: _StageLimits, micro_batches: int) -> list[tuple[int, int]] | None:
     """The stage boundaries minimising Σ stage times + (M − 1) × the slowest (stages and links), within memory."""
     spec, costs, blocks = search.spec, search.costs, search.description.num_blocks
-    stages = len(chain)
+    stages = len(limits.speeds)
     if not 1 <= stages <= blocks:
         return None
     micro = max(1, spec.global_batch // spec.micro_batches)
-    links = [boundary_seconds(costs, micro, link_between(search.links, a.device_id, b.device_id))
-             for a, b in itertools.pairwise(chain)]
-    link_sum, link_max = sum(links), max(links, default=0.0)
+    link_sum, link_max = sum(limits.links), max(limits.links, default=0.0)
     # time[s][i][j]: stage s holding blocks [i, j); infinite where it would not fit in memory.
     time = [[[_INFINITY] * (blocks + 1) for _ in range(blocks + 1)] for _ in range(stages)]
-    for s, device in enumerate(chain):
-        rate = micro * search.speed[device.device_id]
+    for s, (speed, memory) in enumerate(zip(limits.speeds, limits.memories, strict=True)):
+        rate = micro * speed
         extra = (costs.embedding_blocks if s == 0 else 0.0) + (costs.head_blocks if s == stages - 1 else 0.0)
         keep = in_flight(spec, s, stages)
         for i in range(s, blocks - (stages - s) + 1):
             for j in range(i + 1, blocks - (stages - s - 1) + 1):
                 need = stage_memory(spec, costs, blocks=j - i, first=s == 0, last=s == stages - 1, in_flight=keep)
-                if need <= device.memory_bytes:
+                if need <= memory:
                     time[s][i][j] = rate * (j - i + extra)
 
     def least_sum(bound: float) -> tuple[float, list[tuple[int, int]]]:
@@ -215,14 +244,17 @@ def _partition(search: _Search, chain: Sequence[DeviceOffer], micro_batches: int
 def _orders(search: _Search, devices: Sequence[DeviceOffer]) -> Iterable[list[DeviceOffer]]:
     """Stage orders worth trying. With uniform links only the ends matter (embedding first, head last)."""
     ordered = sorted(devices, key=lambda d: (search.speed[d.device_id], d.device_id))
-    if len(ordered) <= 2:
+    return _stage_orders(ordered, exhaustive=bool(search.links))
+
+
+def _stage_orders(ordered: Sequence[_T], *, exhaustive: bool) -> Iterable[list[_T]]:
+    """Orders of ``ordered`` (fastest first) to try: all of them for two, or up to five when ``exhaustive``
+    (the links differ); else every choice of first and last stage with the rest fastest first."""
+    if len(ordered) <= 2 or (exhaustive and len(ordered) <= 5):
         yield from (list(p) for p in itertools.permutations(ordered))
         return
-    if search.links and len(ordered) <= 5:
-        yield from (list(p) for p in itertools.permutations(ordered))
-        return
-    for first, last in itertools.permutations(ordered, 2):
-        yield [first, *(d for d in ordered if d is not first and d is not last), last]
+    for first, last in itertools.permutations(range(len(ordered)), 2):
+        yield [ordered[first], *(x for i, x in enumerate(ordered) if i not in (first, last)), ordered[last]]
 
 
 def _subsets(search: _Search, count: int) -> list[tuple[DeviceOffer, ...]]:
@@ -275,30 +307,69 @@ def _search_pipeline(search: _Search) -> None:
     for count in _counts(search, min(len(search.offers), search.description.num_blocks)):
         for group in _subsets(search, count):
             for chain in _orders(search, group):
-                ranges = _partition(search, chain, search.spec.micro_batches)
+                ranges = _partition(search, _stage_limits(search, [chain]), search.spec.micro_batches)
                 if ranges is not None:
                     search.consider(pipeline_plan(search.spec, chain, ranges))
 
 
+def _replica_counts(search: _Search) -> range:
+    """Pipeline replica counts to try: exactly ``spec.replicas`` when it asks for some, none when it
+    forbids them or synchronises less often than every step, else 2 up to the micro-batches."""
+    spec = search.spec
+    if spec.replicas == 1 or spec.sync_every != 1:
+        return range(0)
+    if spec.replicas > 1:
+        fits = spec.replicas <= min(len(search.offers), spec.micro_batches)
+        return range(spec.replicas, spec.replicas + 1) if fits else range(0)
+    return range(2, min(len(search.offers) // 2, spec.micro_batches) + 1)
+
+
 def _search_hybrid(search: _Search) -> None:
-    """R replicas of an S-stage pipeline over the fastest R × S devices, dealt so replicas are alike."""
-    ordered = sorted(search.offers, key=lambda d: (search.speed[d.device_id], d.device_id))
-    for replicas in range(2, min(len(ordered) // 2, search.spec.micro_batches) + 1):
-        for stages in range(2, min(len(ordered) // replicas, search.description.num_blocks) + 1):
-            if search.spec.devices and replicas * stages != search.spec.devices:
+    """R replicas of an S-stage pipeline (pipeline × data) that share their stage boundaries.
+
+    A subset of R × S devices is dealt by speed into S columns of R alike devices, the fastest column
+    first; each order of the columns is a stage order. Replica r takes device r of every column
+    (aligned: the fastest replica and the slowest), or of every other column device R − 1 − r (snaked:
+    a slow device pairs with a fast one, so replicas balance). The boundaries come from `_partition`
+    over each position's slowest device, smallest memory and slowest link, so they suit every replica;
+    each replica then trains ⌈M / R⌉ micro-batches or fewer.
+    """
+    spec, blocks = search.spec, search.description.num_blocks
+    for replicas in _replica_counts(search):
+        share = -(-spec.micro_batches // replicas)
+        least = 1 if spec.replicas > 1 else 2  # one-stage replicas are data parallelism, unless asked for
+        for stages in range(least, min(len(search.offers) // replicas, blocks) + 1):
+            if spec.devices and replicas * stages != spec.devices:
                 continue
-            chosen = ordered[:replicas * stages]
-            chains = [chosen[r::replicas] for r in range(replicas)]
-            share = -(-search.spec.micro_batches // replicas)
-            workers: list[WorkerAssignment] = []
-            for r, chain in enumerate(chains):
-                ranges = _partition(search, chain, share)
-                if ranges is None:
-                    break
-                workers.extend(pipeline_plan(search.spec, chain, ranges, replica=r,
-                                             first_rank=len(workers) + 1).workers)
-            else:
-                search.consider(_plan("pipeline", workers, search.spec))
+            for group in _subsets(search, replicas * stages):
+                ordered = sorted(group, key=lambda d: (search.speed[d.device_id], d.device_id))
+                columns = [ordered[k * replicas:(k + 1) * replicas] for k in range(stages)]
+                for order, snake in itertools.product(_stage_orders(columns, exhaustive=bool(search.links)),
+                                                      (False, True) if stages > 1 else (False,)):
+                    dealt = [column[::-1] if snake and k % 2 else column for k, column in enumerate(order)]
+                    chains = [[column[r] for column in dealt] for r in range(replicas)]
+                    ranges = _partition(search, _stage_limits(search, chains), share)
+                    if ranges is None:
+                        continue
+                    workers = [w for r, chain in enumerate(chains)
+                               for w in pipeline_plan(spec, chain, ranges, replica=r,
+                                                      first_rank=r * stages + 1).workers]
+                    search.consider(_plan("pipeline", workers, spec))
+
+
+def _check_replicas(spec: JobSpec, description: ModelDescription, offers: Sequence[DeviceOffer]) -> None:
+    """Refuse a number of pipeline replicas (``spec.replicas`` > 1) that no set of devices can hold."""
+    replicas = spec.replicas
+    if replicas <= 1:
+        return
+    if len(offers) < replicas:
+        raise JobError(f"{replicas} pipeline replicas need at least {replicas} devices; only {len(offers)} are alive")
+    if spec.devices % replicas:
+        raise JobError(f"{replicas} pipeline replicas need a multiple of {replicas} devices; the job asks for "
+                       f"{spec.devices}")
+    if spec.devices // replicas > description.num_blocks:
+        raise JobError(f"{replicas} pipeline replicas over {spec.devices} devices need {spec.devices // replicas} "
+                       f"stages each; the model has {description.num_blocks} blocks")
 
 
 def _describe_speed(search: _Search, device_id: str) -> str:
@@ -384,7 +455,7 @@ def _refusal(search: _Search, parallelisms: Sequence[Parallelism]) -> JobError:
 
 def plan_with_prediction(spec: JobSpec, description: ModelDescription, offers: Sequence[DeviceOffer], *,
                          objective: Objective = "throughput", profiles: Mapping[str, PowerProfile] | None = None,
-                         links: LinkMap | None = None, allow_hybrid: bool = False) -> PlannedJob:
+                         links: LinkMap | None = None) -> PlannedJob:
     """`plan_job`'s search, returning the chosen plan with its forecast and the reasons for left-out devices."""
     if not offers:
         raise JobError("no device is available to train on")
@@ -394,20 +465,27 @@ def plan_with_prediction(spec: JobSpec, description: ModelDescription, offers: S
         raise JobError(f"--seq-len {spec.seq_len} is above the model's maximum of {description.max_seq_len}")
     if spec.devices > len(offers):
         raise JobError(f"the job asks for {spec.devices} devices but only {len(offers)} are alive")
+    _check_replicas(spec, description, offers)
     search = _Search(spec=spec, description=description, offers=sorted(offers, key=lambda o: o.device_id),
                      objective=objective, profiles=profiles, links=links,
                      costs=measured_costs(spec, description, offers),
                      speed={o.device_id: block_seconds_per_sample(spec, description, o) for o in offers})
     parallelisms: list[Parallelism]
-    if spec.parallelism == "auto":
+    if spec.replicas > 1:
+        parallelisms = ["pipeline"]  # replicas are asked for: only pipeline × data plans
+    elif spec.parallelism == "auto":
         parallelisms = ["single"] if spec.devices == 1 else ["single", "data", "tensor", "pipeline"]
     else:
         parallelisms = [spec.parallelism]
     steps = {"single": _search_single, "data": _search_data, "tensor": _search_tensor, "pipeline": _search_pipeline}
     for parallelism in parallelisms:
-        steps[parallelism](search)
-    if allow_hybrid and "pipeline" in parallelisms:
+        if parallelism != "pipeline" or spec.replicas <= 1:
+            steps[parallelism](search)
+    if "pipeline" in parallelisms:
         _search_hybrid(search)
+    if not search.found and spec.replicas > 1:
+        raise JobError(f"no plan of {spec.replicas} pipeline replicas fits in the devices' memory; ask for fewer "
+                       "replicas (--replicas 0 lets the planner choose)")
     if not search.found:
         raise _refusal(search, parallelisms)
     best = min(search.found, key=search.score)
@@ -422,13 +500,14 @@ def plan_with_prediction(spec: JobSpec, description: ModelDescription, offers: S
 
 def plan_job(spec: JobSpec, description: ModelDescription, devices: Sequence[DeviceOffer], *,
              objective: Objective = "throughput", profiles: Mapping[str, PowerProfile] | None = None,
-             links: LinkMap | None = None, allow_hybrid: bool = False) -> JobPlan:
+             links: LinkMap | None = None) -> JobPlan:
     """Plan ``spec`` on ``devices`` for ``objective``.
 
-    ``spec.parallelism == "auto"`` chooses among one device, data, tensor and pipeline parallelism (and,
-    with ``allow_hybrid``, pipeline × data, which the runtime does not run yet); a fixed parallelism still
-    chooses the devices (``spec.devices`` of them when set) and the stage boundaries. ``spec.micro_batches``
-    is taken as given.
+    ``spec.parallelism == "auto"`` chooses among one device, data, tensor and pipeline parallelism, and
+    pipeline × data (copies of a pipeline that share stage boundaries, each on its share of the
+    micro-batches) when ``spec.sync_every`` is 1; ``spec.replicas`` > 1 asks for exactly that many copies,
+    1 for none. A fixed parallelism still chooses the devices (``spec.devices`` of them when set) and the
+    stage boundaries. ``spec.micro_batches`` is taken as given.
 
     Args:
         profiles: device ID → power profile (else each offer's named profile, else the default).
@@ -438,8 +517,8 @@ def plan_job(spec: JobSpec, description: ModelDescription, devices: Sequence[Dev
         JobError: no devices or too few, a sequence too long for the model, or no plan within every
             device's memory (the message says how much is needed and available).
     """
-    return plan_with_prediction(spec, description, devices, objective=objective, profiles=profiles, links=links,
-                                allow_hybrid=allow_hybrid).plan
+    return plan_with_prediction(spec, description, devices, objective=objective, profiles=profiles,
+                                links=links).plan
 
 
 def what_if(spec: JobSpec, description: ModelDescription, offers: Sequence[DeviceOffer], *,

@@ -52,6 +52,9 @@ class JobSpec:
     schedule: Schedule = "1f1b"
     sync_every: int = 1
     """Data parallel: average every k steps (k=1: gradients every step, identical to one device)."""
+    replicas: int = 0
+    """Pipeline × data: copies of the pipeline, each on its share of the micro-batches; 0 lets the
+    planner choose, 1 = no replicas."""
     precision: Precision = "float32"
     objective: Objective = "throughput"
     """What the planner optimises: ``throughput`` (seconds per sample) or ``energy`` (joules per sample)."""
@@ -74,6 +77,15 @@ class JobSpec:
             (self.lr > 0, f"--lr must be positive, not {self.lr}"),
             (self.devices >= 0, f"--devices must not be negative, not {self.devices}"),
             (self.sync_every >= 1, f"--sync-every must be at least 1, not {self.sync_every}"),
+            (self.replicas >= 0, f"--replicas must not be negative, not {self.replicas}"),
+            (self.replicas <= 1 or self.parallelism in ("auto", "pipeline"),
+             f"--replicas {self.replicas} copies a pipeline; it does not apply to --parallelism {self.parallelism}"),
+            (self.replicas <= 1 or self.sync_every == 1,
+             f"--replicas {self.replicas} all-reduces gradients every step; --sync-every must be 1, "
+             f"not {self.sync_every}"),
+            (self.replicas <= self.micro_batches,
+             f"--replicas {self.replicas} needs at least {self.replicas} micro-batches per step, "
+             f"not {self.micro_batches}"),
             (self.parallelism in (*get_args(Parallelism), "auto"), f"unknown parallelism {self.parallelism!r}"),
             (self.schedule in get_args(Schedule), f"unknown schedule {self.schedule!r}"),
             (self.precision in get_args(Precision), f"unknown precision {self.precision!r}"),
