@@ -38,7 +38,8 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         model=model, data=_local_path(args.data), output=_local_path(args.output) if args.output else "",
         steps=args.steps, global_batch=args.batch, micro_batches=args.micro_batches, seq_len=args.seq_len,
         lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, parallelism=args.parallelism,
-        devices=args.devices, schedule=args.schedule, sync_every=args.sync_every, precision=args.precision,
+        devices=args.devices, schedule=args.schedule, sync_every=args.sync_every, replicas=args.replicas,
+        precision=args.precision,
         checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,
         keep_checkpoints=args.keep_checkpoints, objective=args.objective,
     )
@@ -231,6 +232,9 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what the planner optimises: seconds or joules per sample")
     parser.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
     parser.add_argument("--sync-every", type=int, default=1, help="data parallel: synchronise every k steps")
+    parser.add_argument("--replicas", type=int, default=0,
+                        help="pipeline × data: copies of the pipeline, each on its share of the micro-batches "
+                             "(0: the planner decides, 1: none)")
     parser.add_argument("--precision", choices=["float32", "float64"], default="float32")
     parser.add_argument("--checkpoint-every", type=int, default=5,
                         help="checkpoint every k steps (a failure costs at most the steps since the last one)")
