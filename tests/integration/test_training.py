@@ -1,9 +1,10 @@
 """Distributed training through real daemons equals single-process training.
 
 A household of four daemon processes on 127.0.0.1; each job is submitted with the real `cetctl train`
-and runs in fresh worker processes that stream tensors over mutual TLS. The losses it reports and the
-model it writes (loaded back with plain `transformers`) are compared with the reference trainer run
-in this test process on the same model, seed and data order.
+and runs in fresh worker processes that stream tensors over mutual TLS (pipelines, tensor and data
+parallelism, and two copies of a 2-stage pipeline each on half of every batch). The losses it reports
+and the model it writes (loaded back with plain `transformers`) are compared with the reference trainer
+run in this test process on the same model, seed and data order.
 
 Tolerance: 1e-5 absolute on every step's loss and every final parameter (float32, lr 1e-4). Splitting
 a matrix product changes the order of float32 additions; AdamW turns those last-bit differences into
@@ -71,17 +72,40 @@ def test_distributed_training_matches_single_process(
     household: Household, data: dict[str, Path], tmp_path: Path, model_name: str, parallelism: str, devices: int,
     schedule: str,
 ) -> None:
+    args = {"--parallelism": parallelism, "--devices": str(devices), "--schedule": schedule}
+    plan = train_and_compare(household, data, tmp_path, model_name, args, label=f"{parallelism}×{devices} {schedule}")
+    assert plan["parallelism"] == parallelism
+    assert len(plan["workers"]) == devices
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("model_name", ["gpt2-tiny", "minilm"])
+def test_pipeline_replicas_match_single_process(
+    household: Household, data: dict[str, Path], tmp_path: Path, model_name: str
+) -> None:
+    """Two copies of a 2-stage pipeline, each on half of every batch, on the household's four devices."""
+    args = {"--parallelism": "pipeline", "--devices": "4", "--replicas": "2"}
+    plan = train_and_compare(household, data, tmp_path, model_name, args, label="pipeline×4 as 2 replicas")
+    assert plan["parallelism"] == "pipeline"
+    assert sorted((w["dp_index"], w["stage"]) for w in plan["workers"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    bounds = {r: [(w["start_block"], w["end_block"]) for w in sorted(plan["workers"], key=lambda w: w["stage"])
+                  if w["dp_index"] == r] for r in (0, 1)}
+    assert bounds[0] == bounds[1], "the replicas split the blocks alike"
+    assert "pipeline × 2 replicas" in plan["reason"]
+
+
+def train_and_compare(household: Household, data: dict[str, Path], tmp_path: Path, model_name: str,
+                      args: dict[str, str], *, label: str) -> dict[str, Any]:
+    """Train through the daemons with ``args``; assert it matches the reference; return the job's plan."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     ref_losses, ref_state, ref_model = reference_run(model_name, data[model_name], steps=STEPS,
                                                      seed=int(COMMON["--seed"]))
     output = tmp_path / "out"
-    args = {**COMMON, "--model": model_name, "--data": str(data[model_name]), "--parallelism": parallelism,
-            "--devices": str(devices), "--schedule": schedule}
+    args = {**COMMON, "--model": model_name, "--data": str(data[model_name]), **args}
     job, losses = train(household, submitter=len(household.daemons) - 1, args=args, output=output)
-    plan = job["plan"]
-    assert plan["parallelism"] == parallelism
-    assert len(plan["workers"]) == devices
+    plan: dict[str, Any] = job["plan"]
+    devices = len(plan["workers"])
     assert len({w["device_id"] for w in plan["workers"]}) == devices, "each share on its own device"
     assert job["seconds_per_sample"] > 0
     assert job["joules_per_sample"] > 0
@@ -99,13 +123,14 @@ def test_distributed_training_matches_single_process(
     ids = torch.randint(5, 200, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logit_gap = (trained(input_ids=ids).logits - ref_model(input_ids=ids).logits).abs().max().item()
-    print(f"\n[equivalence] {model_name} {parallelism}×{devices} {schedule}: max |Δloss| {loss_gap:.2e}, "
+    print(f"\n[equivalence] {model_name} {label}: max |Δloss| {loss_gap:.2e}, "
           f"max |Δparam| {param_gap:.2e}, max |Δlogit| {logit_gap:.2e}")
     assert logit_gap <= TOLERANCE
     assert all(math.isfinite(x) for x in losses)
     assert loss_gap <= TOLERANCE
     assert param_gap <= TOLERANCE
     assert losses[-1] < losses[0], "training must make progress"
+    return plan
 
 
 def test_cli_without_daemon_fails_cleanly(tmp_path: Path) -> None:
