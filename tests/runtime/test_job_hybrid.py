@@ -203,20 +203,24 @@ def test_a_nan_in_one_replica_is_refused_by_every_worker_of_every_replica(
     driver = Driver(spec, recv_timeout=timedelta(seconds=30))
     description = driver.describe()
     reports: list[StepReport] = []
+    errors: list[JobError] = []
 
     def body(channel: LocalPeerChannel) -> None:
         if channel.rank == 0:
-            driver.run(plan, channel, reports.append)
+            # Kept, not raised: a raising rank fails the whole local group, which would cut short the
+            # workers still finishing (and refusing) the step; the driver has told them all to stop.
+            with pytest.raises(JobError) as refused:
+                driver.run(plan, channel, reports.append)
+            errors.append(refused.value)
             return
         peer: PeerChannel = _PoisonedActivations(channel, 3) if channel.rank == poisoned else channel
         run_worker(spec, plan, channel.rank, description, peer, num_threads=1, recv_timeout=timedelta(seconds=30))
 
     channels = make_local_channels(plan.world_size)
-    with (
-        caplog.at_level(logging.WARNING, logger="cetd.runtime.worker"),
-        pytest.raises(JobError, match=r"the loss is nan at step 3"),
-    ):
+    with caplog.at_level(logging.WARNING, logger="cetd.runtime.worker"):
         run_on_local_ranks(plan.world_size, body, timeout=timedelta(seconds=50), channels=channels)
+    assert len(errors) == 1
+    assert "the loss is nan at step 3" in str(errors[0])
     assert [r.step for r in reports] == [1, 2]
     refused = {
         int(found.group(1))

@@ -25,8 +25,8 @@ from tests.runtime.test_job_harness import make_plan, write_texts
 from tests.runtime.test_job_hybrid import hybrid_plan
 from tests.runtime.test_job_resume import (
     JOB,
+    Outcome,
     assert_replicas_identical,
-    differences,
     first_part,
     job_spec,
     run_once,
@@ -61,7 +61,26 @@ def resume_and_compare(texts: Path, directory: Path, plan: JobPlan, name: str) -
     assert resumed.error is None
     assert resumed.result is not None
     assert [r.step for r in resumed.reports] == list(range(6, 13))
-    return differences(resumed, uninterrupted(texts, "float64"), first_step=6)
+    # Steps 1..5 come from the manifest, as that run computed them.
+    assert resumed.result.losses[:5] == list(manifest.losses)
+    return differences(resumed, uninterrupted(texts, "float64"))
+
+
+def differences(resumed: Outcome, expected: Outcome) -> tuple[float, float]:
+    """(largest loss difference over all 12 steps, largest final parameter difference).
+
+    Over every step, not only the resumed ones: a hybrid adds its gradients in another order than the
+    uninterrupted 3-stage pipeline, so even the losses before the checkpoint may differ in the last bit.
+    """
+    assert resumed.result is not None
+    assert expected.result is not None
+    assert len(resumed.result.losses) == len(expected.result.losses) == 12
+    loss = max(abs(a - b) for a, b in zip(resumed.result.losses, expected.result.losses, strict=True))
+    assert set(resumed.parameters) == set(expected.parameters)
+    params = max(
+        float((resumed.parameters[n].double() - p.double()).abs().max()) for n, p in expected.parameters.items()
+    )
+    return loss, params
 
 
 @pytest.mark.timeout(120)
