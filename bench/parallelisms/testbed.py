@@ -164,8 +164,10 @@ def testbed(root: Path, device_set: DeviceSet, *, memory_limit_bytes: int) -> It
         accounting = [CpuAccounting() for _ in rig.hosts]
         for meter in accounting:
             stack.callback(meter.close)
+        # Profiling on, as a household runs by default: each device times every model's own shapes inside its
+        # cgroup before the model's first plan, so the plan's predictions use each device's real speed.
         extra: dict[str, dict[str, Any]] = {"training": {"worker_threads": 1},
-                                            "device": {"memory_limit_bytes": memory_limit_bytes}}
+                                            "device": {"memory_limit_bytes": memory_limit_bytes, "profile": True}}
         netns_prefixes = [rig.exec_argv(host, []) for host in rig.hosts]
         # Join the cgroups before entering the namespace: `ip netns exec` remounts /sys, hiding /sys/fs/cgroup.
         capped_prefixes = [limit.wrap_argv(meter.wrap_argv(prefix))

@@ -31,7 +31,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from cetd.cluster.device_offer import (
+    DeviceOffer,
+    block_seconds_per_sample,
+    estimated_block_seconds,
+    messaging,
+    optimizer_seconds_per_parameter,
+    speed_source,
+)
 from cetd.cluster.power import BUILTIN_PROFILES, PowerProfile
+from cetd.cluster.transport_costs import BUCKET_BYTES, Messaging, ring_all_reduce_seconds
 from cetd.errors import JobError
 from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, WorkerAssignment
 
@@ -43,15 +52,19 @@ __all__ = [
     "ModelCosts",
     "Prediction",
     "block_seconds_per_sample",
+    "boundary_seconds",
     "estimated_block_seconds",
     "link_between",
     "measured_costs",
+    "messaging",
     "model_costs",
     "optimizer_seconds_per_parameter",
     "power_profile",
     "predict",
+    "ring_seconds",
     "speed_source",
     "stage_memory",
+    "stage_message_seconds",
     "training_memory",
 ]
 
@@ -60,14 +73,6 @@ RUNTIME_OVERHEAD_BYTES = 400 * 1024**2
 
 OPTIMIZER_COPIES = 4
 """Weights, gradients and AdamW's two moments: four numbers per parameter."""
-
-CORE_FLOPS = 40e9
-"""Effective float32 FLOP/s of one CPU core in torch's training kernels. Calibrated on the DESIGN anchor:
-a GPT-2 small block, micro-batch 8 × 32 tokens (≈ 11 GFLOP forward+backward), takes ≈ 80–150 ms on
-2 cores here."""
-
-ACCELERATOR_FLOPS = 200e9
-"""Effective float32 FLOP/s of an edge GPU (a Jetson Nano's is ≈ 236 GFLOP/s peak)."""
 
 HEAD_EFFICIENCY = 1.0
 """A head's matrix product (and its loss) costs this many blocks per block's worth of parameters.
@@ -78,36 +83,6 @@ head look free, so the planner put it on slow devices."""
 
 EMBEDDING_BLOCKS = 0.05
 """An embedding lookup and its scattered gradient, in blocks (when no device measured it)."""
-
-OPTIMIZER_SECONDS_PER_PARAMETER = 4e-9
-"""One AdamW step per parameter on a CPU when not measured (measured here on one thread: 1.6–5.3 ns)."""
-
-ACCELERATOR_OPTIMIZER_SECONDS_PER_PARAMETER = 0.5e-9
-"""The same on an edge GPU (memory bound)."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceOffer:
-    """A live member as the planner sees it."""
-
-    device_id: str
-    memory_bytes: int
-    cores: int
-    rank: float = 0.0
-    block_seconds: float | None = None
-    """Seconds one block of the job's model takes forward+backward per sample (the profiler's time for a
-    micro-batch divided by its samples); None: estimated from ``cores``."""
-    power_profile: str = ""
-    """Name of its power profile (`cetd.cluster.power.BUILTIN_PROFILES`); "" = `DEFAULT_PROFILE`."""
-    accelerator: bool = False
-    """It trains on an accelerator (GPU) rather than its CPU cores."""
-    embedding_blocks: float | None = None
-    """The embedding's forward+backward in blocks, as this device measured it for the job; None: estimated."""
-    head_blocks: float | None = None
-    """The head's and its loss's forward+backward in blocks, as measured; None: estimated."""
-    optimizer_seconds_per_parameter: float | None = None
-    """One AdamW step per parameter, as measured; None: estimated."""
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Link:
@@ -214,39 +189,6 @@ def measured_costs(spec: JobSpec, description: ModelDescription, offers: Sequenc
                        head_blocks=median([o.head_blocks for o in offers if o.head_blocks is not None]))
 
 
-def optimizer_seconds_per_parameter(offer: DeviceOffer) -> float:
-    """The measured AdamW seconds per parameter, else the estimate for its kind of device."""
-    if offer.optimizer_seconds_per_parameter is not None:
-        return offer.optimizer_seconds_per_parameter
-    return ACCELERATOR_OPTIMIZER_SECONDS_PER_PARAMETER if offer.accelerator else OPTIMIZER_SECONDS_PER_PARAMETER
-
-
-def estimated_block_seconds(spec: JobSpec, description: ModelDescription, offer: DeviceOffer) -> float:
-    """Seconds per block forward+backward per sample, from FLOPs and the device's cores (no measurement)."""
-    seq, hidden = spec.seq_len, description.hidden_size
-    forward_per_token = 2 * description.block_parameter_count + 4 * seq * hidden
-    flops = 3 * seq * forward_per_token
-    rate = ACCELERATOR_FLOPS if offer.accelerator else max(offer.cores, 1) * CORE_FLOPS
-    if spec.precision == "float64":
-        rate /= 2
-    return flops / rate
-
-
-def speed_source(offer: DeviceOffer) -> str:
-    """``measured``: the device timed the job's own shapes; ``profiled``: its reference block, scaled by
-    FLOPs; ``estimated``: from its cores (or accelerator) alone."""
-    if offer.block_seconds is None or offer.block_seconds <= 0:
-        return "estimated"
-    return "measured" if offer.optimizer_seconds_per_parameter is not None else "profiled"
-
-
-def block_seconds_per_sample(spec: JobSpec, description: ModelDescription, offer: DeviceOffer) -> float:
-    """The measured block seconds when the offer carries them, else the estimate."""
-    if offer.block_seconds is not None and offer.block_seconds > 0:
-        return offer.block_seconds
-    return estimated_block_seconds(spec, description, offer)
-
-
 def activation_bytes(spec: JobSpec, description: ModelDescription, blocks: int) -> int:
     """Activations of ``blocks`` blocks for all of a step's micro-batches (the conservative bound)."""
     costs = model_costs(spec, description)
@@ -292,11 +234,10 @@ def in_flight(spec: JobSpec, stage: int, stages: int) -> int:
     return min(spec.micro_batches, stages - stage)
 
 
-def ring_all_reduce_seconds(size: float, members: int, link: Link) -> float:
-    """A ring all-reduce of ``size`` bytes: 2(n−1)/n × size over the slowest link, 2(n−1) messages."""
-    if members <= 1:
-        return 0.0
-    return 2 * (members - 1) / members * size / link.bandwidth_bytes_per_second + 2 * (members - 1) * link.latency_seconds
+def ring_seconds(size: float, members: Sequence[DeviceOffer], link: Link, bucket_bytes: float = BUCKET_BYTES) -> float:
+    """A ring all-reduce of ``size`` bytes among ``members`` over ``link``, paced by the costliest member's CPU."""
+    return ring_all_reduce_seconds(size, len(members), link.bandwidth_bytes_per_second, link.latency_seconds,
+                                   Messaging.slowest(messaging(m) for m in members), bucket_bytes)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -344,12 +285,13 @@ def predict(spec: JobSpec, description: ModelDescription, plan: JobPlan, offers:
     speed = {d: block_seconds_per_sample(spec, description, o) for d, o in by_id.items()}
     timing: _Timing
     if plan.parallelism == "tensor":
-        timing = _tensor(spec, description, costs, plan.workers, speed, links)
+        timing = _tensor(spec, description, costs, plan.workers, speed, links, by_id)
     elif plan.parallelism == "data" or plan.parallelism == "single":
-        timing = _data(spec, description, costs, plan.workers, speed, links)
+        timing = _data(spec, description, costs, plan.workers, speed, links, by_id)
     else:
-        timing = _pipelines(spec, description, costs, plan.workers, speed, links)
+        timing = _pipelines(spec, description, costs, plan.workers, speed, links, by_id)
     _add_optimizer_steps(timing, description, costs, plan, by_id)
+    _add_step_overhead(timing, spec, plan, links, by_id)
     joules: dict[str, float] = {}
     for device_id in timing.memory:
         offer, profile = by_id[device_id], power_profile(by_id[device_id], profiles)
@@ -393,25 +335,29 @@ def _split(count: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def _gradient_sync(spec: JobSpec, parameters: int, number_bytes: int, members: Sequence[str],
+def _gradient_sync(spec: JobSpec, parameters: int, number_bytes: int, members: Sequence[DeviceOffer],
                    links: LinkMap | None) -> tuple[float, float]:
     """Seconds per step (amortised over ``sync_every``) and bytes each member sends per step."""
     if len(members) <= 1:
         return 0.0, 0.0
-    slowest = min((link_between(links, a, b) for a in members for b in members if a < b),
-                  key=lambda link: link.bandwidth_bytes_per_second)
     size = parameters * number_bytes
-    seconds = ring_all_reduce_seconds(size, len(members), slowest) / spec.sync_every
+    seconds = ring_seconds(size, members, _slowest_link(links, members)) / spec.sync_every
     return seconds, 2 * (len(members) - 1) / len(members) * size / spec.sync_every
 
 
+def _slowest_link(links: LinkMap | None, members: Sequence[DeviceOffer]) -> Link:
+    ids = [m.device_id for m in members]
+    return min((link_between(links, a, b) for a in ids for b in ids if a < b),
+               key=lambda link: link.bandwidth_bytes_per_second, default=DEFAULT_LINK)
+
+
 def _data(spec: JobSpec, description: ModelDescription, costs: ModelCosts, workers: Sequence[WorkerAssignment],
-          speed: Mapping[str, float], links: LinkMap | None) -> _Timing:
+          speed: Mapping[str, float], links: LinkMap | None, offers: Mapping[str, DeviceOffer]) -> _Timing:
     timing = _Timing()
     ordered = sorted(workers, key=lambda w: w.dp_index)
     shares = _split(spec.micro_batches, len(ordered))
     per_sample = description.num_blocks + costs.embedding_blocks + costs.head_blocks
-    members = [w.device_id for w in ordered]
+    members = [offers[w.device_id] for w in ordered]
     sync, sent = _gradient_sync(spec, description.parameter_count, costs.number_bytes, members, links)
     memory = stage_memory(spec, costs, blocks=description.num_blocks, first=True, last=True, in_flight=1)
     slowest = 0.0
@@ -420,24 +366,31 @@ def _data(spec: JobSpec, description: ModelDescription, costs: ModelCosts, worke
         timing.add(worker.device_id, memory=memory, busy=busy, sent=sent, received=sent)
         if busy >= slowest:
             slowest, timing.bottleneck = busy, worker.device_id
-    timing.step = slowest + sync
+    # The replicas agree on the step's loss (an all-gather of their micro-batch losses) before stepping.
+    agree = (len(members) - 1) * _hop(links, members)
+    timing.step = slowest + sync + agree
     if len(ordered) > 1:
         timing.notes.append(f"gradient all-reduce {sync:.3f} s per step (every {spec.sync_every} step(s))")
     return timing
 
 
+def _hop(links: LinkMap | None, members: Sequence[DeviceOffer], nbytes: float = 64.0) -> float:
+    """One small message among ``members``: the slower of the slowest link and the costliest CPU."""
+    link = _slowest_link(links, members)
+    cpu = Messaging.slowest(messaging(m) for m in members)
+    return max(link.latency_seconds + nbytes / link.bandwidth_bytes_per_second, cpu.hops(1, nbytes))
+
+
 def _tensor(spec: JobSpec, description: ModelDescription, costs: ModelCosts, workers: Sequence[WorkerAssignment],
-            speed: Mapping[str, float], links: LinkMap | None) -> _Timing:
+            speed: Mapping[str, float], links: LinkMap | None, offers: Mapping[str, DeviceOffer]) -> _Timing:
     timing = _Timing()
     ordered = sorted(workers, key=lambda w: w.tp_index)
     ways = len(ordered)
     heads = _split(description.num_heads, ways)
     micro = _micro(spec)
-    members = [w.device_id for w in ordered]
-    slowest_link = min((link_between(links, a, b) for a in members for b in members if a < b),
-                       key=lambda link: link.bandwidth_bytes_per_second, default=DEFAULT_LINK)
+    members = [offers[w.device_id] for w in ordered]
     size = costs.boundary_bytes_per_sample * micro
-    reduce = ring_all_reduce_seconds(size, ways, slowest_link)
+    reduce = ring_seconds(size, members, _slowest_link(links, members))
     block = max(micro * speed[w.device_id] * h / description.num_heads for w, h in zip(ordered, heads, strict=True))
     ends = max(micro * speed[w.device_id] * (costs.embedding_blocks + costs.head_blocks) for w in ordered)
     per_micro = description.num_blocks * (block + 4 * reduce) + ends
@@ -463,20 +416,28 @@ def pipeline_seconds(stage_times: Sequence[float], link_times: Sequence[float], 
 
 
 def boundary_seconds(costs: ModelCosts, micro: int, link: Link) -> float:
-    """One micro-batch's activation forward and gradient back over ``link``."""
+    """One micro-batch's activation forward and gradient back over ``link`` (the network's part)."""
     one_way = costs.boundary_bytes_per_sample * micro / link.bandwidth_bytes_per_second + link.latency_seconds
     return 2 * one_way if link.half_duplex else one_way
 
 
+def stage_message_seconds(costs: ModelCosts, micro: int, offer: DeviceOffer, *, first: bool, last: bool) -> float:
+    """A stage's CPU time per micro-batch for its activations and gradients: a stage after the first receives
+    an activation and sends a gradient, a stage before the last sends one and receives one."""
+    ends = 2 * ((not first) + (not last))
+    return messaging(offer).ends(ends, costs.boundary_bytes_per_sample * micro)
+
+
 def _pipelines(spec: JobSpec, description: ModelDescription, costs: ModelCosts,
-               workers: Sequence[WorkerAssignment], speed: Mapping[str, float], links: LinkMap | None) -> _Timing:
+               workers: Sequence[WorkerAssignment], speed: Mapping[str, float], links: LinkMap | None,
+               offers: Mapping[str, DeviceOffer]) -> _Timing:
     timing = _Timing()
     replicas: dict[int, list[WorkerAssignment]] = {}
     for worker in workers:
         replicas.setdefault(worker.dp_index, []).append(worker)
     shares = _split(spec.micro_batches, len(replicas))
     micro = _micro(spec)
-    slowest = 0.0
+    slowest, agree = 0.0, 0.0
     for (_, chain), share in zip(sorted(replicas.items()), shares, strict=True):
         chain.sort(key=lambda w: w.stage)
         stages = len(chain)
@@ -486,15 +447,24 @@ def _pipelines(spec: JobSpec, description: ModelDescription, costs: ModelCosts,
             first, last = position == 0, position == stages - 1
             load = (worker.end_block - worker.start_block + (costs.embedding_blocks if first else 0.0)
                     + (costs.head_blocks if last else 0.0))
-            stage_times.append(micro * speed[worker.device_id] * load)
+            stage_times.append(micro * speed[worker.device_id] * load
+                               + stage_message_seconds(costs, micro, offers[worker.device_id], first=first, last=last))
             if not last:
                 link_times.append(boundary_seconds(costs, micro, link_between(links, worker.device_id,
                                                                               chain[position + 1].device_id)))
             sent = boundary * ((not last) + (not first))
+            # A replica keeps only its own share of the micro-batches in flight.
+            keep = share if spec.schedule == "gpipe" else min(share, in_flight(spec, position, stages))
             memory = stage_memory(spec, costs, blocks=worker.end_block - worker.start_block, first=first, last=last,
-                                  in_flight=in_flight(spec, position, stages) if share else 0)
+                                  in_flight=keep)
             timing.add(worker.device_id, memory=memory, busy=share * stage_times[-1], sent=sent, received=sent)
         seconds = pipeline_seconds(stage_times, link_times, share) if share else 0.0
+        if stages > 1:
+            # The last stage tells the others the step's loss; a tied weight's gradients are summed
+            # between the first and last stage.
+            ends = [offers[chain[0].device_id], offers[chain[-1].device_id]]
+            tied = costs.last_parameters * costs.number_bytes if _tied(description) else 0
+            agree = max(agree, _hop(links, ends) + ring_seconds(tied, ends, _slowest_link(links, ends)))
         if seconds >= slowest:
             slowest = seconds
             worst = max(range(len(stage_times) + len(link_times)), key=lambda i: [*stage_times, *link_times][i])
@@ -505,14 +475,35 @@ def _pipelines(spec: JobSpec, description: ModelDescription, costs: ModelCosts,
         for stage in range(max(len(c) for c in replicas.values())):
             group = [w for c in replicas.values() for w in c if w.stage == stage]
             params = _stage_parameters(costs, group[0], stage, len(replicas[group[0].dp_index]))
-            seconds, volume = _gradient_sync(spec, params, costs.number_bytes, [w.device_id for w in group], links)
+            seconds, volume = _gradient_sync(spec, params, costs.number_bytes, [offers[w.device_id] for w in group],
+                                             links)
             sync = max(sync, seconds)
             for worker in group:
                 timing.sent[worker.device_id] += volume
                 timing.received[worker.device_id] += volume
         timing.notes.append(f"{len(replicas)} pipeline replicas; gradient all-reduce {sync:.3f} s per step")
-    timing.step = slowest + sync
+    timing.step = slowest + agree + sync
     return timing
+
+
+def _tied(description: ModelDescription) -> bool:
+    return description.task == "causal_lm" and bool(description.config.get("tie_word_embeddings", True))
+
+
+def _add_step_overhead(timing: _Timing, spec: JobSpec, plan: JobPlan, links: LinkMap | None,
+                       offers: Mapping[str, DeviceOffer]) -> None:
+    """What every step adds outside the schedule: the driver hears the loss, then sends the next step's
+    control and micro-batches (two hops), and each worker takes in its micro-batches' fields."""
+    members = [offers[w.device_id] for w in plan.workers]
+    replicas = len({w.dp_index for w in plan.workers}) if plan.parallelism == "pipeline" else len(plan.workers)
+    local = -(-spec.micro_batches // max(1, replicas if plan.parallelism != "tensor" else 1))
+    tokens = _micro(spec) * spec.seq_len * 8
+    intake = max(messaging(o).ends(3 * local, tokens) for o in members)
+    round_trip = 2 * _hop(links, members)
+    timing.step += round_trip + intake
+    for worker in plan.workers:
+        timing.busy[worker.device_id] += messaging(offers[worker.device_id]).ends(3 * local, tokens)
+    timing.notes.append(f"driver round trip and micro-batch intake {round_trip + intake:.3f} s per step")
 
 
 def _worker_parameters(description: ModelDescription, costs: ModelCosts, plan: JobPlan,

@@ -44,6 +44,7 @@ from cetd.cluster.cost_model import (
     power_profile,
     predict,
     stage_memory,
+    stage_message_seconds,
     training_memory,
 )
 from cetd.cluster.power import PowerProfile
@@ -170,6 +171,8 @@ class _StageLimits:
     """Per stage: memory bytes (the smallest at that position)."""
     links: list[float]
     """Per boundary between stage s and s + 1: one micro-batch's seconds over it (the slowest link)."""
+    messages: list[float]
+    """Per stage: its CPU seconds per micro-batch for sending and receiving activations and gradients."""
 
 
 def _stage_limits(search: _Search, chains: Sequence[Sequence[DeviceOffer]]) -> _StageLimits:
@@ -183,6 +186,8 @@ def _stage_limits(search: _Search, chains: Sequence[Sequence[DeviceOffer]]) -> _
         links=[max(boundary_seconds(search.costs, micro, link_between(search.links, a.device_id, b.device_id))
                    for a, b in zip(here, there, strict=True))
                for here, there in itertools.pairwise(positions)],
+        messages=[max(stage_message_seconds(search.costs, micro, d, first=s == 0, last=s == len(positions) - 1)
+                      for d in column) for s, column in enumerate(positions)],
     )
 
 
@@ -204,7 +209,7 @@ def _partition(search: _Search, limits: _StageLimits, micro_batches: int) -> lis
             for j in range(i + 1, blocks - (stages - s - 1) + 1):
                 need = stage_memory(spec, costs, blocks=j - i, first=s == 0, last=s == stages - 1, in_flight=keep)
                 if need <= memory:
-                    time[s][i][j] = rate * (j - i + extra)
+                    time[s][i][j] = rate * (j - i + extra) + limits.messages[s]
 
     def least_sum(bound: float) -> tuple[float, list[tuple[int, int]]]:
         best = [[_INFINITY] * (blocks + 1) for _ in range(stages + 1)]

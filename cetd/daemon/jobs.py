@@ -296,7 +296,7 @@ class JobManager:
             planned_spec = spec
             if resume and spec.devices > len(offers) >= 1:
                 # After a failure the job goes on with what is left rather than waiting for the lost device.
-                planned_spec = replace(spec, devices=len(offers))
+                planned_spec = replace(spec, devices=len(offers), replicas=0 if spec.replicas > 1 else spec.replicas)
             profiles, links = planning_inputs(self._node, offers)
             plan = plan_job(planned_spec, description, offers, objective=spec.objective, profiles=profiles,
                             links=links)

@@ -6,6 +6,7 @@ the numbers the planner sees are defined in one place.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -74,8 +75,15 @@ def planning_inputs(node: HouseholdNode, offers: list[DeviceOffer]) -> tuple[dic
     """Power profiles of the offered devices and the links this daemon has measured."""
     profiles = {o.device_id: power_profile(o.power_profile) for o in offers}
     me = node.identity.device_id
-    links = {(me, peer): Link(bandwidth_bytes_per_second=bandwidth, latency_seconds=latency)
-             for peer, (bandwidth, latency) in node.links.items()}
+    measured = {str(peer): Link(bandwidth_bytes_per_second=bandwidth, latency_seconds=latency)
+                for peer, (bandwidth, latency) in node.links.items() if bandwidth > 0}
+    links: dict[Any, Link] = {(me, peer): link for peer, link in measured.items()}
+    # This daemon measures only its own links. A home network is a star around the access point, so a
+    # path between two others is taken as the slower of their paths to this device.
+    for a, b in itertools.combinations(sorted(measured), 2):
+        links[(a, b)] = Link(bandwidth_bytes_per_second=min(measured[a].bandwidth_bytes_per_second,
+                                                            measured[b].bandwidth_bytes_per_second),
+                             latency_seconds=max(measured[a].latency_seconds, measured[b].latency_seconds))
     return profiles, links
 
 

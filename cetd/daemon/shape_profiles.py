@@ -66,6 +66,7 @@ class ShapeProfiles:
         me: this device's ID (answered locally by `gather`).
         remote: device ID → its Profile RPC.
         """
+        self._state_dir = state_dir
         self._dir = state_dir / PROFILES_DIR
         self._log = state_dir / "profile.log"
         self._threads = threads
@@ -128,7 +129,8 @@ class ShapeProfiles:
         started = time.monotonic()
         await process.start({"role": "profile", "threads": self._threads,
                              "description": json.loads(query.description_json), "micro_batch": query.micro_batch,
-                             "seq_len": query.seq_len, "precision": query.precision})
+                             "seq_len": query.seq_len, "precision": query.precision,
+                             "state_dir": str(self._state_dir)})
         try:
             event = await process.expect("profiled", MEASURE_TIMEOUT)
         finally:

@@ -7,11 +7,17 @@ model's. The measured pieces, each at the job's micro-batch and sequence length,
 
 - one transformer block (the planner's unit of work);
 - the embedding (first stage) and the head with its loss (last stage), each as a multiple of a block;
-- one AdamW step, per parameter (it grows with the share's parameters, not with the batch).
+- one AdamW step, per parameter (it grows with the share's parameters, not with the batch);
+- with `profile_transport`, one message hop over the real tensor transport (mutual TLS, both ends on
+  this device): its fixed cost and its cost per byte — what a throttled or slow CPU adds to every
+  activation, gradient and all-reduce beyond the network's own time.
 
 Small shapes are dominated by per-operator overhead, not FLOPs; that is why the shapes are the job's
-own rather than a reference block scaled by FLOPs. Each piece is timed several times and the fastest
-pass kept: outside load only ever adds time, and the planner wants the device's own speed.
+own rather than a reference block scaled by FLOPs. Each piece runs back to back for a while (at least
+`SUSTAIN_SECONDS` and `repeats` passes) and its time is the wall time over the passes: the sustained
+rate a training step sees. The fastest single pass would not do: a device held to a share of a core (a
+CPU quota, thermal or power limits) runs a millisecond's burst at full speed and is throttled only over
+longer spans.
 """
 
 from __future__ import annotations
@@ -25,11 +31,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from cetd.runtime.models import adapter_for, disable_dropout
 from cetd.runtime.reference import AdamWSettings, build_adamw
 from cetd.runtime.spec import ModelDescription, ShapeTimes
+from cetd.transport.channel import PeerChannel, TensorKey, TensorSpec
 
-__all__ = ["profile_shape"]
+__all__ = ["profile_shape", "profile_transport"]
 
 WARMUP = 2
 """Passes left out before timing (caches, the allocator, lazily built kernels)."""
+
+SUSTAIN_SECONDS = 0.5
+"""Least wall time each piece is timed for: several periods of a CFS quota (100 ms) or a governor's window."""
 
 
 def _one_block_model(description: ModelDescription, dtype: torch.dtype) -> torch.nn.Module:
@@ -57,18 +67,23 @@ def _batch(description: ModelDescription, micro_batch: int, seq_len: int) -> dic
     return batch
 
 
-def _fastest(run: Callable[[], None], repeats: int) -> float:
-    times = []
-    for i in range(WARMUP + repeats):
-        started = time.perf_counter()
+def _sustained(run: Callable[[], None], repeats: int, sustain: float) -> float:
+    """Seconds per pass of ``run`` over at least ``repeats`` passes and ``sustain`` seconds, after warm-up."""
+    for _ in range(WARMUP):
         run()
-        if i >= WARMUP:
-            times.append(time.perf_counter() - started)
-    return min(times)
+    passes = 0
+    started = time.perf_counter()
+    while True:
+        run()
+        passes += 1
+        elapsed = time.perf_counter() - started
+        if passes >= repeats and elapsed >= sustain:
+            return elapsed / passes
 
 
 def profile_shape(description: ModelDescription, *, micro_batch: int, seq_len: int,
-                  dtype: torch.dtype = torch.float32, repeats: int = 5) -> ShapeTimes:
+                  dtype: torch.dtype = torch.float32, repeats: int = 5,
+                  sustain: float = SUSTAIN_SECONDS) -> ShapeTimes:
     """Measure ``description``'s block, embedding, head and optimizer step at one micro-batch's shape.
 
     Raises:
@@ -99,17 +114,43 @@ def profile_shape(description: ModelDescription, *, micro_batch: int, seq_len: i
     def run_head() -> None:
         head(hidden.clone().requires_grad_(True), fields).backward()
 
-    block_time = _fastest(run_block, repeats)
-    embedding_time = _fastest(run_embedding, repeats)
-    head_time = _fastest(run_head, repeats)
+    block_time = _sustained(run_block, repeats, sustain)
+    embedding_time = _sustained(run_embedding, repeats, sustain)
+    head_time = _sustained(run_head, repeats, sustain)
     parameters = [p for p in block.parameters() if p.grad is not None]
     optimizer = build_adamw(parameters, AdamWSettings(lr=1e-6))
     count = sum(p.numel() for p in parameters)
 
-    optimizer_time = _fastest(optimizer.step, repeats)
+    optimizer_time = _sustained(optimizer.step, repeats, sustain)
     return ShapeTimes(
         block_seconds=block_time / micro_batch,
         embedding_blocks=embedding_time / block_time,
         head_blocks=head_time / block_time,
         optimizer_seconds_per_parameter=optimizer_time / max(count, 1),
     )
+
+
+def profile_transport(near: PeerChannel, far: PeerChannel, *, repeats: int = 20, sustain: float = SUSTAIN_SECONDS,
+                      large: int = 1 << 20, timeout: float = 60.0) -> tuple[float, float]:
+    """Seconds per message hop and per byte between two connected channels (ping-pong, both on this device).
+
+    A hop's time here is the sender's and the receiver's CPU work together (plus the loopback), which is
+    what two such devices spend between them on one hop; the planner splits it evenly between the ends.
+    """
+    counter = 0
+
+    def ping_pong(tensor: torch.Tensor) -> None:
+        nonlocal counter
+        counter += 1
+        spec = TensorSpec(dtype=tensor.dtype, shape=tuple(tensor.shape))
+        there, back = (TensorKey(step=counter, micro_batch=i, name="profile/hop") for i in (0, 1))
+        near.send(far.rank, there, tensor).wait(timeout)
+        echo = far.recv(near.rank, there, spec, timeout)
+        far.send(near.rank, back, echo).wait(timeout)
+        near.recv(far.rank, back, spec, timeout)
+
+    small = torch.zeros(16, dtype=torch.float32)
+    big = torch.zeros(large // 4, dtype=torch.float32)
+    small_hop = _sustained(lambda: ping_pong(small), repeats, sustain) / 2
+    big_hop = _sustained(lambda: ping_pong(big), max(2, repeats // 4), sustain) / 2
+    return small_hop, max(big_hop - small_hop, 0.0) / large

@@ -193,6 +193,10 @@ class ShapeTimes:
     """The head and its loss, forward + backward, in blocks."""
     optimizer_seconds_per_parameter: float
     """One AdamW step, per parameter."""
+    message_seconds: float = 0.0
+    """One message hop over the tensor transport, both ends' work on this device (0: not measured)."""
+    byte_seconds: float = 0.0
+    """The same hop's extra time per byte (0: not measured)."""
 
 
 def to_json(value: Any) -> str:

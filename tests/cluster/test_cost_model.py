@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -28,9 +29,10 @@ FAST = Link(bandwidth_bytes_per_second=1e18, latency_seconds=0.0, half_duplex=Fa
 
 
 def _offers(*block_seconds: float, memory: int = 16 * GIB) -> list[DeviceOffer]:
-    # No optimizer time: these tests check the schedule's arithmetic (see the optimizer test for its part).
+    # No optimizer or transport CPU time: these tests check the schedule's arithmetic (their parts are tested apart).
     return [DeviceOffer(device_id=f"D{i + 1}", memory_bytes=memory, cores=1, block_seconds=s,
-                        optimizer_seconds_per_parameter=0.0) for i, s in enumerate(block_seconds)]
+                        optimizer_seconds_per_parameter=0.0, message_seconds=0.0, byte_seconds=0.0)
+            for i, s in enumerate(block_seconds)]
 
 
 def _fast_links(offers: list[DeviceOffer]) -> dict[tuple[str, str], Link]:
@@ -52,15 +54,18 @@ def test_balanced_pipeline_takes_m_plus_s_minus_one_stage_times() -> None:
 
 @pytest.mark.timeout(10)
 def test_pipeline_links_are_stages_of_their_own() -> None:
-    costs = replace(model_costs(SPEC, GPT2_SMALL), embedding_blocks=0.0, head_blocks=0.0)
+    untied = replace(GPT2_SMALL, config={"vocab_size": 50257, "tie_word_embeddings": False})
+    costs = replace(model_costs(SPEC, untied), embedding_blocks=0.0, head_blocks=0.0)
     offers = _offers(0.01, 0.01)
     wifi = Link(bandwidth_bytes_per_second=0.12e9, latency_seconds=0.002)
     plan = pipeline_plan(SPEC, offers, [(0, 6), (6, 12)])
-    prediction = predict(SPEC, GPT2_SMALL, plan, offers, links={("D2", "D1"): wifi}, costs=costs)
+    prediction = predict(SPEC, untied, plan, offers, links={("D2", "D1"): wifi}, costs=costs)
     activation = 4 * 32 * 768 * 4  # micro-batch × seq × hidden × float32 = 393 KB
     link = 2 * (activation / 0.12e9 + 0.002)  # forward and back over half-duplex Wi-Fi
     stage = 4 * 0.01 * 6
-    assert prediction.step_seconds == pytest.approx(2 * stage + link + 7 * stage)
+    # Three small hops outside the schedule: the loss to the first stage, and the driver's round trip.
+    hops = 3 * (0.002 + 64 / 0.12e9)
+    assert prediction.step_seconds == pytest.approx(2 * stage + link + 7 * stage + hops)
     assert prediction.bytes_sent == {"D1": 8 * activation, "D2": 8 * activation}
 
 
@@ -125,12 +130,20 @@ def test_data_parallel_pays_a_ring_all_reduce_every_sync() -> None:
     workers = tuple(WorkerAssignment(rank=i + 1, device_id=o.device_id, dp_index=i, end_block=12)
                     for i, o in enumerate(offers))
     plan = JobPlan(parallelism="data", workers=workers, micro_batches=8)
-    all_reduce = 2 * 1 / 2 * GPT2_SMALL.parameter_count * 4 / 0.12e9 + 2 * 0.002
+    # Gradients go in 4 MiB buckets, one after the other; each bucket's ring takes 2(n − 1) steps of a
+    # 1/n chunk over Wi-Fi (0.12 GB/s, 2 ms per message).
+    size = GPT2_SMALL.parameter_count * 4
+    buckets = math.ceil(size / (4 * 2**20))
+    all_reduce = buckets * 2 * (size / buckets / 2 / 0.12e9 + 0.002)
+    hop = 0.002 + 64 / 0.12e9
     slowest = 4 * 4 * 12 * 0.02  # 4 micro-batches of 4 samples on the slower replica
-    assert predict(SPEC, GPT2_SMALL, plan, offers, costs=costs).step_seconds == pytest.approx(slowest + all_reduce)
+    # One small hop for the replicas' loss all-gather; two for the driver (the loss in, the next step out).
+    overhead = hop + 2 * hop
+    assert predict(SPEC, GPT2_SMALL, plan, offers, costs=costs).step_seconds == pytest.approx(
+        slowest + all_reduce + overhead)
     every_fourth = replace(SPEC, sync_every=4)
     assert predict(every_fourth, GPT2_SMALL, plan, offers, costs=costs).step_seconds == pytest.approx(
-        slowest + all_reduce / 4)
+        slowest + all_reduce / 4 + overhead)
 
 
 @pytest.mark.timeout(10)
@@ -157,3 +170,35 @@ def test_estimated_block_seconds_scale_with_cores_and_precision() -> None:
     doubles = replace(SPEC, precision="float64")
     assert estimated_block_seconds(doubles, GPT2_SMALL, DeviceOffer(device_id="a", memory_bytes=GIB, cores=1)) == (
         pytest.approx(2 * one))
+
+
+@pytest.mark.timeout(10)
+def test_a_tied_weight_is_summed_between_first_and_last_stage_every_step() -> None:
+    wifi = Link(bandwidth_bytes_per_second=0.12e9, latency_seconds=0.002)
+    offers = _offers(0.01, 0.01)
+    plan = pipeline_plan(SPEC, offers, [(0, 6), (6, 12)])
+    untied = replace(GPT2_SMALL, config={"vocab_size": 50257, "tie_word_embeddings": False})
+    tied_step = predict(SPEC, GPT2_SMALL, plan, offers, links={("D1", "D2"): wifi}).step_seconds
+    untied_step = predict(SPEC, untied, plan, offers, links={("D1", "D2"): wifi}).step_seconds
+    # GPT-2's 50257 × 768 embedding gradient (154 MB) in 4 MiB buckets, a ring of two: 2 steps per bucket.
+    size = 50257 * 768 * 4
+    buckets = math.ceil(size / (4 * 2**20))
+    ring = buckets * 2 * (size / buckets / 2 / 0.12e9 + 0.002)
+    assert tied_step - untied_step == pytest.approx(ring, rel=0.05)  # the head's load differs a little too
+
+
+@pytest.mark.timeout(10)
+def test_a_slow_cpu_paces_the_ring_when_the_network_is_fast() -> None:
+    fast = Link(bandwidth_bytes_per_second=1e12, latency_seconds=1e-5, half_duplex=False)
+    slow = [replace(o, message_seconds=5e-3, byte_seconds=5e-9) for o in _offers(0.01, 0.01, 0.01, 0.01)]
+    quick = [replace(o, message_seconds=0.2e-3, byte_seconds=0.5e-9) for o in _offers(0.01, 0.01, 0.01, 0.01)]
+    workers = tuple(WorkerAssignment(rank=i + 1, device_id=o.device_id, tp_index=i, end_block=12)
+                    for i, o in enumerate(slow))
+    plan = JobPlan(parallelism="tensor", workers=workers, micro_batches=8)
+    links = {(a.device_id, b.device_id): fast for a in slow for b in slow if a.device_id < b.device_id}
+    slow_step = predict(SPEC, GPT2_SMALL, plan, slow, links=links).step_seconds
+    quick_step = predict(SPEC, GPT2_SMALL, plan, quick, links=links).step_seconds
+    chunk = 4 * 32 * 768 * 4 / 4  # a quarter of one micro-batch's activation
+    per_step = 8 * 12 * 4 * 2 * 3  # micro-batches × blocks × all-reduces × ring steps
+    ring_difference = per_step * ((5e-3 + chunk * 5e-9) - (0.2e-3 + chunk * 0.5e-9))
+    assert slow_step - quick_step == pytest.approx(ring_difference, rel=0.02)  # + the step's own few hops

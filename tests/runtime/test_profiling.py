@@ -28,7 +28,7 @@ def _describe(tmp_path: Path, model: str) -> ModelDescription:
 @pytest.mark.parametrize("model", ["gpt2-tiny", "minilm"])
 def test_every_piece_is_timed_at_the_jobs_shape(tmp_path: Path, model: str) -> None:
     description = _describe(tmp_path, model)
-    times = profile_shape(description, micro_batch=2, seq_len=16, repeats=2)
+    times = profile_shape(description, micro_batch=2, seq_len=16, repeats=2, sustain=0.05)
     for value in (times.block_seconds, times.embedding_blocks, times.head_blocks,
                   times.optimizer_seconds_per_parameter):
         assert math.isfinite(value)
