@@ -34,6 +34,12 @@ LINK_MBIT = 1000
 
 CPUACCT_ROOT = Path("/sys/fs/cgroup/cpuacct")
 
+CPU_PERIOD_US = 10_000
+"""The devices' CFS period: 10 ms slices make a capped host behave like a slower CPU. With the default
+100 ms a host at 20% runs any burst under 20 ms at full speed, then stops for 80 ms, and loses the rest
+of a period's quota whenever it waits on a peer, so synchronous training paid for throttling that a
+genuinely slow board would not."""
+
 DAEMON_ALLOWANCE_BYTES = 768 * 1024**2
 """Cgroup memory on top of ``device.memory_limit_bytes``: the daemon itself and, on the submitting
 device, the driver (which holds the model's weights once); the planner budgets workers only."""
@@ -158,7 +164,7 @@ def testbed(root: Path, device_set: DeviceSet, *, memory_limit_bytes: int) -> It
         rig = stack.enter_context(NetnsRig(len(device_set.cpu_fractions)))
         for host in rig.hosts:
             rig.rate_limit(host, LINK_MBIT)
-        limits = [stack.enter_context(CgroupLimits(cpu_fraction=fraction,
+        limits = [stack.enter_context(CgroupLimits(cpu_fraction=fraction, cpu_period_us=CPU_PERIOD_US,
                                                    memory_bytes=memory_limit_bytes + DAEMON_ALLOWANCE_BYTES))
                   for fraction in device_set.cpu_fractions]
         accounting = [CpuAccounting() for _ in rig.hosts]

@@ -391,14 +391,17 @@ def _tensor(spec: JobSpec, description: ModelDescription, costs: ModelCosts, wor
     members = [offers[w.device_id] for w in ordered]
     size = costs.boundary_bytes_per_sample * micro
     reduce = ring_seconds(size, members, _slowest_link(links, members))
-    block = max(micro * speed[w.device_id] * h / description.num_heads for w, h in zip(ordered, heads, strict=True))
+    block = max(_shard_block_seconds(micro * speed[w.device_id], offers[w.device_id], h / description.num_heads)
+                for w, h in zip(ordered, heads, strict=True))
     ends = max(micro * speed[w.device_id] * (costs.embedding_blocks + costs.head_blocks) for w in ordered)
     per_micro = description.num_blocks * (block + 4 * reduce) + ends
     timing.step = spec.micro_batches * per_micro
     sent = 4 * description.num_blocks * spec.micro_batches * 2 * (ways - 1) / ways * size if ways > 1 else 0.0
     for worker, share in zip(ordered, heads, strict=True):
-        busy = spec.micro_batches * micro * speed[worker.device_id] * (
-            description.num_blocks * share / description.num_heads + costs.embedding_blocks + costs.head_blocks)
+        whole = micro * speed[worker.device_id]
+        busy = spec.micro_batches * (
+            description.num_blocks * _shard_block_seconds(whole, offers[worker.device_id], share / description.num_heads)
+            + whole * (costs.embedding_blocks + costs.head_blocks))
         memory = stage_memory(spec, costs, blocks=description.num_blocks, first=True, last=True, in_flight=1,
                               tensor_ways=ways)
         timing.add(worker.device_id, memory=memory, busy=busy, sent=sent, received=sent)
@@ -407,6 +410,12 @@ def _tensor(spec: JobSpec, description: ModelDescription, costs: ModelCosts, wor
     timing.notes.append(f"{4 * description.num_blocks * spec.micro_batches} all-reduces take {comm:.3f} s "
                         f"of the {timing.step:.3f} s step")
     return timing
+
+
+def _shard_block_seconds(whole: float, offer: DeviceOffer, fraction: float) -> float:
+    """A tensor-parallel slice of a block (``fraction`` of its heads): the fixed part stays whole."""
+    fixed = min(offer.block_fixed_seconds or 0.0, whole)
+    return fixed + (whole - fixed) * fraction
 
 
 def pipeline_seconds(stage_times: Sequence[float], link_times: Sequence[float], micro_batches: int) -> float:

@@ -60,6 +60,8 @@ class DeviceOffer:
     """The head's and its loss's forward+backward in blocks, as measured; None: estimated."""
     optimizer_seconds_per_parameter: float | None = None
     """One AdamW step per parameter, as measured; None: estimated."""
+    block_fixed_seconds: float | None = None
+    """Per micro-batch, the part of a block's time that a tensor-parallel split does not shrink; None: 0."""
     message_seconds: float | None = None
     """One hop over the tensor transport, both ends on this device, as measured; None: estimated."""
     byte_seconds: float | None = None

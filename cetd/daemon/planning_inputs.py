@@ -66,7 +66,9 @@ def member_offers(node: HouseholdNode, description: ModelDescription | None = No
         if measured is not None:
             offer = replace(offer, block_seconds=measured.block_seconds, embedding_blocks=measured.embedding_blocks,
                             head_blocks=measured.head_blocks,
-                            optimizer_seconds_per_parameter=measured.optimizer_seconds_per_parameter)
+                            optimizer_seconds_per_parameter=measured.optimizer_seconds_per_parameter,
+                            block_fixed_seconds=measured.block_fixed_seconds or None,
+                            message_seconds=measured.message_seconds or None, byte_seconds=measured.byte_seconds or None)
         offers.append(offer)
     return offers
 

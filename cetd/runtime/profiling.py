@@ -5,7 +5,9 @@ this device would use. The model is built from its described config with one blo
 model that does not fit this device (a GPT-2 large on a 4 GB board) costs one block's memory, not the
 model's. The measured pieces, each at the job's micro-batch and sequence length, forward + backward:
 
-- one transformer block (the planner's unit of work);
+- one transformer block (the planner's unit of work), whole and as one tensor-parallel slice: the line
+  through both times tells what part of a block's time no split makes smaller (operator overhead,
+  norms, residuals), which the planner keeps whole on every tensor-parallel device;
 - the embedding (first stage) and the head with its loss (last stage), each as a multiple of a block;
 - one AdamW step, per parameter (it grows with the share's parameters, not with the batch);
 - with `profile_transport`, one message hop over the real tensor transport (mutual TLS, both ends on
@@ -28,9 +30,10 @@ from collections.abc import Callable, Mapping
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from cetd.runtime.models import adapter_for, disable_dropout
+from cetd.runtime.models import ModelAdapter, adapter_for, disable_dropout
 from cetd.runtime.reference import AdamWSettings, build_adamw
 from cetd.runtime.spec import ModelDescription, ShapeTimes
+from cetd.runtime.tensor_parallel import make_tensor_parallel_model
 from cetd.transport.channel import PeerChannel, TensorKey, TensorSpec
 
 __all__ = ["profile_shape", "profile_transport"]
@@ -81,6 +84,23 @@ def _sustained(run: Callable[[], None], repeats: int, sustain: float) -> float:
             return elapsed / passes
 
 
+def _unsplittable_block_seconds(model: torch.nn.Module, adapter: ModelAdapter, hidden: torch.Tensor,
+                                fields: Mapping[str, torch.Tensor], whole: float, repeats: int, sustain: float) -> float:
+    """Per micro-batch, the part of the block's time that does not shrink with its tensor-parallel share:
+    the block is timed as one slice of ``ways`` (no all-reduce: only the local work counts here)."""
+    ways = min(4, adapter.num_heads())
+    if ways < 2:
+        return whole
+    shard = make_tensor_parallel_model(model, adapter, 0, ways, lambda tensor: tensor).stage
+
+    def run_slice() -> None:
+        out = shard.run_blocks(hidden.clone().requires_grad_(True), fields)
+        torch.autograd.backward(out, grad_tensors=torch.ones_like(out))
+
+    sliced = _sustained(run_slice, repeats, sustain)
+    return min(max((ways * sliced - whole) / (ways - 1), 0.0), whole)
+
+
 def profile_shape(description: ModelDescription, *, micro_batch: int, seq_len: int,
                   dtype: torch.dtype = torch.float32, repeats: int = 5,
                   sustain: float = SUSTAIN_SECONDS) -> ShapeTimes:
@@ -115,6 +135,7 @@ def profile_shape(description: ModelDescription, *, micro_batch: int, seq_len: i
         head(hidden.clone().requires_grad_(True), fields).backward()
 
     block_time = _sustained(run_block, repeats, sustain)
+    fixed = _unsplittable_block_seconds(model, adapter, hidden, fields, block_time, repeats, sustain)
     embedding_time = _sustained(run_embedding, repeats, sustain)
     head_time = _sustained(run_head, repeats, sustain)
     parameters = [p for p in block.parameters() if p.grad is not None]
@@ -124,6 +145,7 @@ def profile_shape(description: ModelDescription, *, micro_batch: int, seq_len: i
     optimizer_time = _sustained(optimizer.step, repeats, sustain)
     return ShapeTimes(
         block_seconds=block_time / micro_batch,
+        block_fixed_seconds=fixed,
         embedding_blocks=embedding_time / block_time,
         head_blocks=head_time / block_time,
         optimizer_seconds_per_parameter=optimizer_time / max(count, 1),

@@ -193,6 +193,8 @@ class ShapeTimes:
     """The head and its loss, forward + backward, in blocks."""
     optimizer_seconds_per_parameter: float
     """One AdamW step, per parameter."""
+    block_fixed_seconds: float = 0.0
+    """Per micro-batch, the part of a block's time that a tensor-parallel split does not make smaller."""
     message_seconds: float = 0.0
     """One message hop over the tensor transport, both ends' work on this device (0: not measured)."""
     byte_seconds: float = 0.0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cetd.runtime.driver import Driver
-from cetd.runtime.profiling import _one_block_model, profile_shape
+from cetd.runtime.profiling import _one_block_model, profile_shape, profile_transport
 from cetd.runtime.spec import JobSpec, ModelDescription
 
 
@@ -54,3 +54,15 @@ def test_an_empty_shape_is_refused(tmp_path: Path) -> None:
 
 def _fields(description: ModelDescription) -> dict[str, object]:
     return {name: getattr(description, name) for name in description.__dataclass_fields__}
+
+
+@pytest.mark.timeout(60)
+def test_a_hop_is_timed_over_the_channel_and_every_message_is_consumed() -> None:
+    from cetd.runtime.local_channel import make_local_channels
+
+    near, far = make_local_channels(2)
+    message, per_byte = profile_transport(near, far, repeats=3, sustain=0.02, large=1 << 16)
+    assert message > 0
+    assert per_byte >= 0
+    assert near.undelivered() == []
+    assert far.undelivered() == []

@@ -81,15 +81,22 @@ class CgroupLimits:
     Args:
         cpu_fraction: share of one core the members may use together, e.g. 0.25; None for no quota.
         memory_bytes: memory (RAM and swap) the members may use together; None for no limit.
+        cpu_period_us: the CFS period the quota is spread over. Shorter periods throttle in finer slices,
+            closer to a genuinely slower CPU: with 100 ms, a device that waits on a peer loses the rest of
+            its quota for that period, and a burst under 20 ms runs at full speed.
     """
 
-    def __init__(self, *, cpu_fraction: float | None = None, memory_bytes: int | None = None) -> None:
+    def __init__(self, *, cpu_fraction: float | None = None, memory_bytes: int | None = None,
+                 cpu_period_us: int = CPU_PERIOD_US) -> None:
         if cpu_fraction is not None and not 0.01 <= cpu_fraction <= 1024:
             raise ValueError(f"cpu_fraction must be between 0.01 and 1024 cores, not {cpu_fraction}")
         if memory_bytes is not None and memory_bytes < 1 << 20:
             raise ValueError(f"memory_bytes must be at least 1 MiB, not {memory_bytes}")
+        if not 1_000 <= cpu_period_us <= 1_000_000:
+            raise ValueError(f"cpu_period_us must be between 1 ms and 1 s, not {cpu_period_us}")
         self.cpu_fraction = cpu_fraction
         self.memory_bytes = memory_bytes
+        self.cpu_period_us = cpu_period_us
         self.name = f"cetd-test-{secrets.token_hex(4)}"
         self._directories: list[Path] = []
         self._finalizer = weakref.finalize(self, _release, self._directories)
@@ -120,8 +127,8 @@ class CgroupLimits:
     def _create(self) -> None:
         if self.cpu_fraction is not None:
             cpu = self._make("cpu")
-            (cpu / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
-            (cpu / "cpu.cfs_quota_us").write_text(str(round(self.cpu_fraction * CPU_PERIOD_US)))
+            (cpu / "cpu.cfs_period_us").write_text(str(self.cpu_period_us))
+            (cpu / "cpu.cfs_quota_us").write_text(str(round(self.cpu_fraction * self.cpu_period_us)))
         if self.memory_bytes is not None:
             memory = self._make("memory")
             (memory / "memory.limit_in_bytes").write_text(str(self.memory_bytes))
