@@ -37,7 +37,7 @@ ENERGY_PROFILE = BUILTIN_PROFILES["jetson-nano"]
 """The paper's device class; its CPU figures (the bench trains on CPUs, so no accelerator watts)."""
 
 REFUSED_EXIT = 65
-_MEMORY_REFUSAL = re.compile(r"to train on one device|fits in the devices' memory")
+_MEMORY_REFUSAL = re.compile(r"to train on one device|whole model on every device|fits in the devices' memory")
 """The planner's two refusals for memory (`cetd.cluster.planner`): the model, or no plan, fits."""
 SUBMITTER = 0
 """The host whose daemon every job is submitted to (and so runs the job's driver)."""

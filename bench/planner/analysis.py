@@ -1,9 +1,10 @@
 """What the planner is given and what it predicts; the candidates it is measured against; the load-free estimate.
 
-- `make_offers`: the devices as the planner sees them. ``raw``: the daemon's input — the profiler's wall
-  seconds of a GPT-2 small block under the device's quota (and the machine's other load), scaled to the
-  job's block by `cetd.daemon.jobs.scale_block_seconds`. ``load_free``: the same profile's CPU seconds
-  divided by the device's quota, i.e. what the profiler would publish on an otherwise idle machine.
+- `make_offers`: the devices as the planner sees them. ``raw``: the daemon's input — each device's times
+  for the job's own shapes (`cetd.runtime.profiling.profile_shape`: block, embedding, head, AdamW step,
+  sustained under the device's quota and the machine's other load). ``load_free``: a GPT-2 small block's
+  CPU seconds divided by the device's quota, scaled to the job's block by FLOPs
+  (`cetd.daemon.planning_inputs.scale_block_seconds`), i.e. a load-free estimate.
 - `partitions`: every contiguous split of the blocks over a chain of devices (each stage ≥ 1 block).
 - `cpu_model_step`: a measured run's step time without other load: each stage's measured CPU seconds
   per micro-batch (compute and transport threads: the quota caps them together) divided by its quota,
@@ -26,7 +27,7 @@ import cetd.cluster.cost_model as cost_model
 from bench.planner.rig import DeviceSetup, JobRun
 from cetd.cluster.cost_model import DeviceOffer, Link, pipeline_seconds
 from cetd.cluster.planner import pipeline_plan
-from cetd.daemon.jobs import scale_block_seconds
+from cetd.daemon.planning_inputs import scale_block_seconds
 from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription
 
 __all__ = ["LOOPBACK", "Candidate", "Offers", "calibrated", "chain_of", "cpu_model_step", "make_offers",
@@ -56,11 +57,16 @@ def make_offers(profiles: Mapping[str, Mapping[str, Any]], setups: Sequence[Devi
     free: dict[str, DeviceOffer] = {}
     for setup in setups:
         profile = profiles[setup.name]
-        for target, measured in ((raw, profile["block_seconds_wall"]),
-                                 (free, profile["block_seconds_cpu"] / setup.cpu_fraction)):
-            target[setup.name] = DeviceOffer(
-                device_id=device_ids[setup.name], memory_bytes=MEMORY_BYTES, cores=1,
-                block_seconds=scale_block_seconds(float(measured), description, seq_len))
+        shape = profile["shape"]
+        raw[setup.name] = DeviceOffer(
+            device_id=device_ids[setup.name], memory_bytes=MEMORY_BYTES, cores=1,
+            block_seconds=shape["block_seconds"], embedding_blocks=shape["embedding_blocks"],
+            head_blocks=shape["head_blocks"], optimizer_seconds_per_parameter=shape["optimizer_seconds_per_parameter"],
+            block_fixed_seconds=shape["block_fixed_seconds"] or None)
+        free[setup.name] = DeviceOffer(
+            device_id=device_ids[setup.name], memory_bytes=MEMORY_BYTES, cores=1,
+            block_seconds=scale_block_seconds(float(profile["block_seconds_cpu"] / setup.cpu_fraction), description,
+                                              seq_len))
     return Offers(raw=raw, load_free=free)
 
 

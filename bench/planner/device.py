@@ -62,11 +62,21 @@ def _profile(request: dict[str, Any]) -> None:
         "block_seconds_wall": statistics.median(wall) / samples,
         "block_seconds_cpu": statistics.median(cpu) / samples,
     }
+    spec = from_json(JobSpec, json.dumps(request["spec"]))
+    loaded = load_workload(spec)
+    # What a daemon measures before planning the job (`cetd.daemon.shape_profiles`): the model's own block,
+    # embedding, head and AdamW step at the job's micro-batch, sustained under the device's quota.
+    from dataclasses import asdict
+
+    from cetd.runtime.driver import describe_model
+    from cetd.runtime.profiling import profile_shape
+
+    shape = profile_shape(describe_model(loaded.model, loaded.adapter),
+                          micro_batch=spec.global_batch // spec.micro_batches, seq_len=spec.seq_len)
+    fields["shape"] = asdict(shape)
     if request.get("parts"):
         from bench.pipeline.split import measure_costs
 
-        spec = from_json(JobSpec, json.dumps(request["spec"]))
-        loaded = load_workload(spec)
         batch = loaded.step_batches(spec, 0)[0]
         fields["parts"] = measure_costs(loaded.model, loaded.adapter, batch, repeats=5).to_dict()
     emit("profiled", **fields)

@@ -185,13 +185,14 @@ async def cmd_plan(client: PeerClient, args: argparse.Namespace) -> int:
     console.print(f"predicted: {prediction['seconds_per_sample']:.4f} s/sample, "
                   f"{prediction['joules_per_sample']:.3f} J/sample (model), bottleneck: {prediction['bottleneck']}")
     table = Table(title="shares")
-    for column in ("rank", "device", "blocks", "memory", "ms/block/sample", "busy s/step", "J/step"):
+    for column in ("rank", "device", "replica", "blocks", "memory", "ms/block/sample", "busy s/step", "J/step"):
         table.add_column(column)
     for worker in plan["workers"]:
         device = worker["device_id"]
         speed = (f"{prediction.get('block_seconds', {}).get(device, 0) * 1e3:.3f} "
                  f"({prediction.get('speed_source', {}).get(device, '?')})")
-        table.add_row(str(worker["rank"]), device.split("-")[0], f"{worker['start_block']}..{worker['end_block']}",
+        table.add_row(str(worker["rank"]), device.split("-")[0], str(worker.get("dp_index", 0)),
+                      f"{worker['start_block']}..{worker['end_block']}",
                       f"{prediction['memory_bytes'].get(device, 0) / 1024**3:.2f} GiB", speed,
                       f"{prediction['busy_seconds'].get(device, 0):.3f}", f"{prediction['joules'].get(device, 0):.2f}")
     console.print(table)

@@ -438,6 +438,9 @@ def _refusal(search: _Search, parallelisms: Sequence[Parallelism]) -> JobError:
     if parallelisms == ["single"]:
         return JobError(f"the model needs {_gib(whole)} to train on one device but the largest device offers "
                         f"{_gib(largest)}; train it with --parallelism pipeline or tensor over several devices")
+    if parallelisms == ["data"] and whole > largest:
+        return JobError(f"data parallelism keeps the whole model on every device: it needs {_gib(whole)} but the "
+                        f"largest device offers {_gib(largest)}; train it with --parallelism pipeline or tensor")
     count = spec.devices or len(search.offers)
     limits = {"pipeline": (description.num_blocks, "blocks"), "tensor": (description.num_heads, "attention heads"),
               "data": (spec.micro_batches, "micro-batches per step")}

@@ -55,7 +55,7 @@ from cetd.runtime.tensor_parallel import gather_full_state_dict
 from cetd.runtime.worker import torch_dtype
 from cetd.transport.channel import PeerChannel, SendHandle, TensorKey, TensorSpec, TransportError
 
-__all__ = ["Driver", "TrainingResult", "WorkerLost"]
+__all__ = ["Driver", "TrainingResult", "WorkerLost", "describe_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class Driver:
             seq_len=spec.seq_len,
             max_seq_len=adapter.max_seq_len(),
         )
-        self._loaded = _Loaded(model, pretrained, adapter, dataset, _describe(model, adapter))
+        self._loaded = _Loaded(model, pretrained, adapter, dataset, describe_model(model, adapter))
         logger.info("job data: %d examples of %d tokens from %s", len(dataset), spec.seq_len, spec.data)
         return self._loaded
 
@@ -535,7 +535,8 @@ def _combine_replicas(replicas: list[dict[str, torch.Tensor]]) -> dict[str, torc
     return {name: torch.stack([r[name] for r in replicas]).mean(dim=0) for name in first}
 
 
-def _describe(model: nn.Module, adapter: ModelAdapter) -> ModelDescription:
+def describe_model(model: nn.Module, adapter: ModelAdapter) -> ModelDescription:
+    """What the planner and the workers need to know of a loaded model (`ModelDescription`)."""
     block = model.get_submodule(adapter.block_path(0))
     config: Any = model.config
     return ModelDescription(

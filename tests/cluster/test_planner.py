@@ -110,6 +110,9 @@ def test_a_model_that_fits_no_single_device_is_pipelined_or_split() -> None:
     assert max(plan.estimated_memory_bytes.values()) <= need * 0.6
     with pytest.raises(JobError, match=r"to train on one device.*pipeline or tensor"):
         plan_job(replace(SPEC, parallelism="single"), GPT2_SMALL, small)
+    with pytest.raises(JobError, match=r"data parallelism keeps the whole model on every device: it needs "
+                                        r"[0-9.]+ GiB but the largest device offers [0-9.]+ GiB"):
+        plan_job(replace(SPEC, parallelism="data"), GPT2_SMALL, small)
     with pytest.raises(JobError, match=r"no pipeline plan fits in the devices' memory.*offers 0.50 GiB"):
         plan_job(replace(SPEC, parallelism="pipeline"), GPT2_SMALL, _devices(1.0, 1.0, memory=GIB // 2))
     with pytest.raises(JobError, match="no single or data or tensor or pipeline plan fits"):
@@ -372,7 +375,7 @@ def test_no_plan_ever_exceeds_a_devices_memory(problem: tuple[JobSpec, ModelDesc
     assert len({w.device_id for w in plan.workers}) == len(plan.workers)
     if spec.parallelism != "auto":
         assert plan.parallelism == spec.parallelism
-    if spec.replicas:
+    if spec.replicas and plan.parallelism == "pipeline":  # --replicas counts copies of a pipeline only
         assert len(replicas) == spec.replicas
     if plan.parallelism == "pipeline":
         assert sorted(replicas) == list(range(len(replicas)))

@@ -19,10 +19,10 @@ from cetd.transport.job_types import ProfileAnswer, ProfileQuery
 
 
 def _description_json() -> str:
-    from cetd.runtime.driver import _describe
+    from cetd.runtime.driver import describe_model
 
     model, _, adapter = load_model("gpt2-tiny", seed=0)
-    return to_json(_describe(model, adapter))
+    return to_json(describe_model(model, adapter))
 
 
 QUERY = ProfileQuery(description_json=_description_json(), micro_batch=2, seq_len=16, precision="float32",
