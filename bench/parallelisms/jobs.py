@@ -78,6 +78,8 @@ class JobOutcome:
     predicted_seconds_per_sample: float | None = None
     predicted_joules_per_sample: float | None = None
     estimated_memory_bytes: dict[str, int] = field(default_factory=dict)
+    speed_sources: dict[str, str] = field(default_factory=dict)
+    """Per device ID: where the plan's speed for it came from (``measured``: the job's own shapes)."""
     workers: list[dict[str, Any]] = field(default_factory=list)
     """Per worker: host, CPU fraction, stage/blocks, tensor and data indices."""
     cpu_seconds: list[float] = field(default_factory=list)
@@ -171,6 +173,7 @@ def _summarise(outcome: JobOutcome, testbed: Testbed, events: list[dict[str, Any
     outcome.predicted_seconds_per_sample = plan.get("predicted_seconds_per_sample") or None
     outcome.predicted_joules_per_sample = plan.get("predicted_joules_per_sample") or None
     outcome.estimated_memory_bytes = dict(plan.get("estimated_memory_bytes") or {})
+    outcome.speed_sources = dict(plan.get("speed_sources") or {})
     fractions = testbed.device_set.cpu_fractions
     for worker in plan.get("workers", []):
         host = testbed.host_of_device.get(worker["device_id"], -1)

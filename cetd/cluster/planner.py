@@ -502,7 +502,7 @@ def plan_with_prediction(spec: JobSpec, description: ModelDescription, offers: S
     plan = replace(best.plan, reason=_reason(search, best, left_out), estimated_memory_bytes=dict(p.memory_bytes),
                    objective=objective, predicted_step_seconds=p.step_seconds,
                    predicted_seconds_per_sample=p.seconds_per_sample,
-                   predicted_joules_per_sample=p.joules_per_sample)
+                   predicted_joules_per_sample=p.joules_per_sample, speed_sources=dict(p.speed_source))
     return PlannedJob(plan=plan, prediction=p, left_out=left_out)
 
 

@@ -156,6 +156,9 @@ class JobPlan:
     """``predicted_step_seconds`` over the global batch."""
     predicted_joules_per_sample: float = 0.0
     """The energy model's joules per training sample over all taking part (0 = not predicted)."""
+    speed_sources: dict[str, str] = field(default_factory=dict)
+    """Per device ID: where the forecast's speed came from (``measured`` for the job's own shapes,
+    ``profiled`` reference block scaled by FLOPs, or ``estimated`` from its cores)."""
 
     @property
     def world_size(self) -> int:
