@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from cetd.runtime.models import adapter_for
 from cetd.runtime.reference import ReferenceRun
 from cetd.runtime.spec import JobSpec
-from tests.runtime.test_job_harness import JobRun, make_plan, run_job, run_reference, write_texts
+from tests.runtime.test_job_harness import differences, make_plan, run_job, run_reference, write_texts
 
 STEPS = 20
 CASES = [
@@ -59,17 +59,6 @@ def reference(spec: JobSpec) -> ReferenceRun:
     return run_reference(spec)
 
 
-def differences(run: JobRun, expected: ReferenceRun) -> tuple[float, float]:
-    """(largest loss difference over the steps, largest parameter difference) against the reference."""
-    model = run.driver.model
-    adapter = adapter_for(model)
-    whole = adapter.make_stage(model, 0, adapter.num_blocks(model), first=True, last=True)
-    trained = {name: p.detach() for name, p in whole.named_parameters_full()}
-    assert set(trained) == set(expected.state_dict)
-    assert len(run.result.losses) == len(expected.losses) == STEPS
-    loss = max(abs(a - b) for a, b in zip(run.result.losses, expected.losses, strict=True))
-    params = max(float((trained[n].double() - p.double()).abs().max()) for n, p in expected.state_dict.items())
-    return loss, params
 
 
 @pytest.mark.timeout(60)
@@ -77,7 +66,7 @@ def differences(run: JobRun, expected: ReferenceRun) -> tuple[float, float]:
 def test_float32_job_matches_the_reference(texts: Path, parallelism: str, workers: int, schedule: str) -> None:
     spec = job_spec(texts)
     run = run_job(spec, make_plan(parallelism, workers, num_blocks=4, schedule=schedule))
-    loss, params = differences(run, reference(spec))
+    loss, params = differences(run, reference(spec), STEPS)
     # Measured (loss / parameters): pipeline 1.2e-7 / 5.1e-7, tensor 3.6e-7 / 8.2e-7, data 1.2e-7 / 6.1e-7,
     # single 0 / 0. Float64: ~9e-16 / ~1e-14 (see below).
     assert loss <= 1e-5
@@ -99,7 +88,7 @@ def test_float32_job_matches_the_reference(texts: Path, parallelism: str, worker
 def test_float64_job_matches_the_reference_to_rounding(texts: Path, parallelism: str, workers: int) -> None:
     spec = job_spec(texts, precision="float64")
     run = run_job(spec, make_plan(parallelism, workers, num_blocks=4))
-    loss, params = differences(run, reference(spec))
+    loss, params = differences(run, reference(spec), STEPS)
     assert loss <= 1e-12
     assert params <= 1e-11
 

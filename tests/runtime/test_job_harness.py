@@ -19,6 +19,7 @@ from cetd.runtime.data import load_dataset, make_batches, tokenizer_for
 from cetd.runtime.driver import Driver, TrainingResult
 from cetd.runtime.job_protocol import check_plan, loss_rank, worker_ranks
 from cetd.runtime.local_channel import LocalPeerChannel, make_local_channels, run_on_local_ranks
+from cetd.runtime.models import adapter_for
 from cetd.runtime.models.loading import load_model
 from cetd.runtime.reference import ReferenceRun, train_reference
 from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, StepReport, WorkerAssignment, from_json, to_json
@@ -190,3 +191,17 @@ def test_plans_that_do_not_fit_are_refused(plan: JobPlan, reason: str) -> None:
 def test_a_plan_for_another_world_size_is_refused() -> None:
     with pytest.raises(JobError, match="needs 3 ranks but the job's channel has 2"):
         check_plan(make_plan("data", 2, num_blocks=4), num_blocks=4, num_heads=4, world_size=2)
+
+
+def differences(run: JobRun, expected: ReferenceRun, steps: int) -> tuple[float, float]:
+    """(largest loss difference over the ``steps`` steps, largest final parameter difference) against the
+    reference trainer."""
+    model = run.driver.model
+    adapter = adapter_for(model)
+    whole = adapter.make_stage(model, 0, adapter.num_blocks(model), first=True, last=True)
+    trained = {name: p.detach() for name, p in whole.named_parameters_full()}
+    assert set(trained) == set(expected.state_dict)
+    assert len(run.result.losses) == len(expected.losses) == steps
+    loss = max(abs(a - b) for a, b in zip(run.result.losses, expected.losses, strict=True))
+    params = max(float((trained[n].double() - p.double()).abs().max()) for n, p in expected.state_dict.items())
+    return loss, params

