@@ -504,15 +504,18 @@ def _add_step_overhead(timing: _Timing, spec: JobSpec, plan: JobPlan, links: Lin
     """What every step adds outside the schedule: the driver hears the loss, then sends the next step's
     control and micro-batches (two hops), and each worker takes in its micro-batches' fields."""
     members = [offers[w.device_id] for w in plan.workers]
-    replicas = len({w.dp_index for w in plan.workers}) if plan.parallelism == "pipeline" else len(plan.workers)
-    local = -(-spec.micro_batches // max(1, replicas if plan.parallelism != "tensor" else 1))
+    # The micro-batches split among data-parallel copies (pipeline replicas, or data-parallel workers);
+    # every tensor-parallel worker takes them all.
+    copies = {"pipeline": len({w.dp_index for w in plan.workers}), "data": len(plan.workers)}.get(plan.parallelism, 1)
+    local = -(-spec.micro_batches // copies)
     tokens = _micro(spec) * spec.seq_len * 8
-    intake = max(messaging(o).ends(3 * local, tokens) for o in members)
+    intakes = {w.device_id: messaging(offers[w.device_id]).ends(3 * local, tokens) for w in plan.workers}
     round_trip = 2 * _hop(links, members)
-    timing.step += round_trip + intake
-    for worker in plan.workers:
-        timing.busy[worker.device_id] += messaging(offers[worker.device_id]).ends(3 * local, tokens)
-    timing.notes.append(f"driver round trip and micro-batch intake {round_trip + intake:.3f} s per step")
+    timing.step += round_trip + max(intakes.values())
+    for device_id, seconds in intakes.items():
+        timing.busy[device_id] += seconds
+    timing.notes.append(f"driver round trip and micro-batch intake {round_trip + max(intakes.values()):.3f} s "
+                        "per step")
 
 
 def _worker_parameters(description: ModelDescription, costs: ModelCosts, plan: JobPlan,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cetd.errors import CetdError, JobError
 from cetd.identity import write_file_atomic
-from cetd.runtime.spec import JobSpec, ModelDescription, ShapeTimes, from_json
+from cetd.runtime.spec import JobSpec, ModelDescription, ShapeTimes, from_json, to_json
 from cetd.transport.job_types import ProfileAnswer, ProfileQuery
 
 from .job_process import JobProcess
@@ -122,7 +122,7 @@ class ShapeProfiles:
                     found = await self._measure(key, query, description)
         if found is None:
             return ProfileAnswer(times_json="", reason="this shape has not been profiled here")
-        return ProfileAnswer(times_json=json.dumps(asdict(found), sort_keys=True))
+        return ProfileAnswer(times_json=to_json(found))
 
     async def _measure(self, key: str, query: ProfileQuery, description: ModelDescription) -> ShapeTimes:
         process = JobProcess(name="the shape profiler", log_path=self._log)
