@@ -41,6 +41,7 @@ class _Mailboxes:
     condition: threading.Condition = field(default_factory=threading.Condition)
     pending: dict[tuple[int, int, TensorKey], torch.Tensor] = field(default_factory=dict)
     failure: str | None = None
+    failed_rank: int | None = None
     bytes_sent: list[int] = field(default_factory=list)
 
 
@@ -117,6 +118,7 @@ class LocalPeerChannel:
         with self._mailboxes.condition:
             if self._mailboxes.failure is None:
                 self._mailboxes.failure = f"rank {self._rank} failed: {reason}"
+                self._mailboxes.failed_rank = self._rank
             self._mailboxes.condition.notify_all()
 
     def undelivered(self) -> list[tuple[int, int, TensorKey]]:
@@ -130,7 +132,7 @@ class LocalPeerChannel:
 
     def _raise_if_failed(self) -> None:
         if self._mailboxes.failure is not None:
-            raise TransportError(self._mailboxes.failure)
+            raise TransportError(self._mailboxes.failure, peer=self._mailboxes.failed_rank)
 
 
 def make_local_channels(world: int) -> list[LocalPeerChannel]:

@@ -68,6 +68,12 @@ class PeerChannel(Protocol):
 class TransportError(RuntimeError):
     """A peer sent something other than what was expected, failed, or did not answer in time."""
 
+    def __init__(self, message: str, *, peer: int | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer
+        """Rank of the peer whose failure or silence this is, when the transport knows it: a failed send
+        names its receiver, a failed group names the rank that failed it. None when not known."""
+
 
 class TensorMismatch(TransportError):
     """A peer sent a tensor of another dtype or shape than the receiver expects: a protocol violation

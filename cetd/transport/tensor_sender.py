@@ -60,9 +60,9 @@ class SendItem:
     """`time.monotonic()` after which the peer counts as unreachable for this tensor."""
 
 
-def _fail(item: SendItem, message: str) -> None:
+def _fail(item: SendItem, message: str, peer: int) -> None:
     if not item.done.done():
-        item.done.set_exception(TransportError(message))
+        item.done.set_exception(TransportError(message, peer=peer))
 
 
 class _Stream:
@@ -101,7 +101,7 @@ class _Stream:
             self.broken = reason
         while self.unacknowledged:
             item = self.unacknowledged.popleft()
-            _fail(item, f"{describe_key(item.key)} was lost: {self.broken}")
+            _fail(item, f"{describe_key(item.key)} was lost: {self.broken}", self._peer)
 
 
 async def _call_failure(call: grpc.aio.StreamStreamCall[bytes, tensor_pb2.StreamAck], peer: int) -> str:
@@ -186,7 +186,7 @@ class PeerSender:
             left, self._pending = list(self._pending), deque()
         for item in left:
             if item is not None:
-                _fail(item, f"the channel was closed before {describe_key(item.key)} was sent")
+                _fail(item, f"the channel was closed before {describe_key(item.key)} was sent", self._peer)
 
     async def _run(self) -> None:
         while (item := await self._next_item()) is not None:
@@ -195,7 +195,7 @@ class PeerSender:
             try:
                 stream = await self._ensure_stream(item.deadline)
             except TransportError as error:
-                _fail(item, str(error))
+                _fail(item, str(error), self._peer)
                 continue
             await self._write(stream, item)
         last = self._stream
@@ -222,14 +222,17 @@ class PeerSender:
             except asyncio.TimeoutError:
                 call.cancel()
                 raise TransportError(
-                    f"peer rank {self._peer} at {self._address} did not accept a tensor stream in time"
+                    f"peer rank {self._peer} at {self._address} did not accept a tensor stream in time",
+                    peer=self._peer,
                 ) from None
             code = await call.code()
             reason = await _call_failure(call, self._peer)
             if code != grpc.StatusCode.UNAVAILABLE:
-                raise TransportError(reason.replace("failed", "was refused", 1))
+                raise TransportError(reason.replace("failed", "was refused", 1), peer=self._peer)
             if time.monotonic() + delay > deadline:
-                raise TransportError(f"could not reach peer rank {self._peer} at {self._address}: {reason}")
+                raise TransportError(
+                    f"could not reach peer rank {self._peer} at {self._address}: {reason}", peer=self._peer
+                )
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_MAX_S)
 

@@ -140,7 +140,7 @@ class TensorInbox:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise TransportError(
-                            f"peer rank {sender} did not send {describe_key(key)} within {timeout:g} s"
+                            f"peer rank {sender} did not send {describe_key(key)} within {timeout:g} s", peer=sender
                         )
                     inbox.changed.wait(left)
             finally:
@@ -150,7 +150,9 @@ class TensorInbox:
             if key not in inbox.tensors:
                 if self._closed:
                     raise TransportError(f"the channel was closed while waiting for {describe_key(key)}")
-                raise TransportError(f"peer rank {sender} {inbox.failure} before sending {describe_key(key)}")
+                raise TransportError(
+                    f"peer rank {sender} {inbox.failure} before sending {describe_key(key)}", peer=sender
+                )
             queue = inbox.tensors[key]
             received = queue.popleft()
             if not queue:

@@ -272,9 +272,10 @@ def test_unreachable_peer_fails_within_timeout(household: list[TestDevice]) -> N
     try:
         first.connect({1: ("127.0.0.1:1", household[1].tls_name)})
         started = time.monotonic()
-        with pytest.raises(TransportError, match=r"could not reach peer rank 1 at 127\.0\.0\.1:1"):
+        with pytest.raises(TransportError, match=r"could not reach peer rank 1 at 127\.0\.0\.1:1") as failed:
             first.send(1, _key("act"), torch.ones(3)).wait(timeout=10)
         assert time.monotonic() - started < 3
+        assert failed.value.peer == 1  # the job's driver reports this rank as the lost one
     finally:
         first.close()
 
@@ -290,9 +291,10 @@ def test_peer_that_closes_fails_pending_receives_at_once(household: list[TestDev
         spec = TensorSpec(dtype=torch.float32, shape=(1,))
         assert first.recv(1, _key("act", 0), spec, timeout=5).item() == 1.0
         started = time.monotonic()
-        with pytest.raises(TransportError, match="peer rank 1 ended its stream before sending act step 1 mb 0"):
+        with pytest.raises(TransportError, match="peer rank 1 ended its stream before sending act step 1 mb 0") as ended:
             first.recv(1, _key("act", 1), spec, timeout=30)
         assert time.monotonic() - started < 1
+        assert ended.value.peer == 1
     finally:
         first.close()
 
