@@ -1,0 +1,121 @@
+"""One ring member of `bench.collectives.run`, inside its host's namespace and CPU-capped cgroup.
+
+    python -m bench.collectives.member RANK HOST_IP WORKDIR NUMEL REPEATS
+
+Prints nothing; writes ``WORKDIR/result<RANK>.json``:
+
+- ``message_seconds``, ``byte_seconds``: the daemon's own transport profile of this device
+  (`cetd.runtime.profiling.profile_transport`, two channels on 127.0.0.1), which the cost model paces rings by;
+- ``pair_round_seconds``, ``pair_round_cpu``: one member's ring round when both members of a 2-member
+  `all_reduce_` are on this device (wall and CPU, per member and round);
+- ``ring_seconds``, ``ring_cpu``: one `all_reduce_` of NUMEL float32 among all hosts, wall and this
+  process's CPU (mean of REPEATS);
+- ``compute_seconds``, ``compute_cpu``: a fixed matrix-multiply burst alone, and ``both_seconds``,
+  ``both_cpu``: the burst followed by the all-reduce (a tensor-parallel segment and its sync).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import resource
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from cetd.ids import JobId
+from cetd.runtime.collectives import all_reduce_
+from cetd.runtime.profiling import profile_transport
+from cetd.transport.channel import TensorKey
+from cetd.transport.tensor_channel import GrpcPeerChannel, TensorChannelConfig
+
+BURST = 20
+"""Matrix multiplies (256 × 256) per compute burst: about 6 ms of one core."""
+TIMEOUT = timedelta(seconds=120)
+
+
+def cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main(rank: int, ip: str, workdir: Path, numel: int, repeats: int) -> None:
+    torch.set_num_threads(1)
+    devices = pickle.loads((workdir / "tls.pkl").read_bytes())
+    me, world = devices[rank], len(devices)
+    config = TensorChannelConfig(timeout=TIMEOUT)
+
+    def channel(r: int, size: int, job: str, host: str) -> GrpcPeerChannel:
+        return GrpcPeerChannel(rank=r, world_size=size, job_id=JobId(job), tls=me.tls, authorize=lambda pem: True,
+                               host=host, config=config)
+
+    result: dict[str, float] = {}
+    with channel(0, 2, "profile", "127.0.0.1") as near, channel(1, 2, "profile", "127.0.0.1") as far:
+        near.connect({1: (far.address, me.tls_name)})
+        far.connect({0: (near.address, me.tls_name)})
+        result["message_seconds"], result["byte_seconds"] = profile_transport(near, far)
+        pairs = 60
+        buffers = [torch.ones(2 * (numel // world)) for _ in range(2)]
+
+        def member(ch: GrpcPeerChannel, buffer: torch.Tensor) -> None:
+            for i in range(pairs):
+                all_reduce_(ch, buffer, ranks=[0, 1], key=TensorKey(step=i + 1, micro_batch=0, name="pair"),
+                            timeout=TIMEOUT)
+
+        started, used = time.perf_counter(), cpu()
+        other = threading.Thread(target=member, args=(far, buffers[1]))
+        other.start()
+        member(near, buffers[0])
+        other.join()
+        rounds = pairs * 2 * 2  # two rounds per all-reduce, two members' work on this device
+        result["pair_round_seconds"] = (time.perf_counter() - started) / rounds
+        result["pair_round_cpu"] = (cpu() - used) / rounds
+
+    x, w = torch.randn(256, 256), torch.randn(256, 256)
+
+    def burst() -> None:
+        for _ in range(BURST):
+            torch.mm(x, w)
+
+    with channel(rank, world, "ring", ip) as ring:
+        (workdir / f"address{rank}").write_text(ring.address)
+        while not all((workdir / f"address{r}").exists() for r in range(world)):
+            time.sleep(0.05)
+        ring.connect({r: ((workdir / f"address{r}").read_text(), devices[r].tls_name)
+                      for r in range(world) if r != rank})
+        counter = 0
+
+        def reduce(tensor: torch.Tensor) -> None:
+            nonlocal counter
+            counter += 1
+            all_reduce_(ring, tensor, ranks=list(range(world)), key=TensorKey(step=counter, micro_batch=0, name="x"),
+                        timeout=TIMEOUT)
+
+        buffer, barrier = torch.ones(numel), torch.ones(8)
+
+        def timed(name: str, body: list[str]) -> None:
+            reduce(barrier)  # everyone starts together
+            started, used = time.perf_counter(), cpu()
+            for _ in range(repeats):
+                if "compute" in body:
+                    burst()
+                if "reduce" in body:
+                    reduce(buffer)
+            result[f"{name}_seconds"] = (time.perf_counter() - started) / repeats
+            result[f"{name}_cpu"] = (cpu() - used) / repeats
+
+        for _ in range(3):
+            reduce(buffer)  # warm the streams
+        timed("ring", ["reduce"])
+        timed("compute", ["compute"])
+        timed("both", ["compute", "reduce"])
+        reduce(barrier)
+    (workdir / f"result{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

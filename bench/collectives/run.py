@@ -1,0 +1,145 @@
+"""A ring all-reduce on the study's testbed, against the cost model's forecast for it.
+
+    sudo .venv/bin/python -m bench.collectives.run [--numel 24576] [--repeats 100] [--output PATH]
+
+The study (`bench.parallelisms`) found the heterogeneous set's data- and tensor-parallel jobs slower
+than forecast. Both are built on `cetd.runtime.collectives.all_reduce_`, so this bench times that one
+collective alone, on the same four namespace hosts (1000 Mbit links, CFS quotas in 5 ms slices: the
+homogeneous and the heterogeneous set), with a process per host (`bench.collectives.member`) over
+mutual-TLS `GrpcPeerChannel`s. NUMEL float32 defaults to the study's tensor-parallel activation
+(8 samples × 32 tokens × 96). Per device set it prints and writes to JSON:
+
+- the measured all-reduce, and the cost model's forecast (`ring_all_reduce_seconds` paced by the
+  slowest device's own transport profile; wire latency 0 here, where the daemon adds its link probe);
+- each member's CPU per ring round, measured in the 4-host ring and in a 2-member ring inside one
+  device (what a device could time on its own), and the profile's hop;
+- a compute burst followed by the all-reduce, against the sum of the two timed alone.
+
+Needs root, network namespaces and cgroup v1; otherwise it says why and exits 0. About 2 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.parallelisms.testbed import (
+    CPU_PERIOD_US,
+    HETEROGENEOUS,
+    HOMOGENEOUS,
+    LINK_MBIT,
+    DeviceSet,
+    unavailable_reason,
+)
+from cetd.cluster.transport_costs import Messaging, ring_all_reduce_seconds
+from tests.testbed.cgroups import CgroupLimits
+from tests.testbed.netns import NetnsRig
+from tests.transport.conftest import make_household
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "bench" / "results" / "collectives.json"
+
+
+def measure(device_set: DeviceSet, numel: int, repeats: int) -> list[dict[str, float]]:
+    """Every member's result file, from one run on a fresh rig."""
+    fractions = device_set.cpu_fractions
+    with tempfile.TemporaryDirectory(prefix="cetd-collectives-") as directory, NetnsRig(len(fractions)) as rig:
+        workdir = Path(directory)
+        (workdir / "tls.pkl").write_bytes(pickle.dumps(make_household([f"d{i}" for i in range(len(fractions))])))
+        for host in rig.hosts:
+            rig.rate_limit(host, LINK_MBIT)
+        limits = [CgroupLimits(cpu_fraction=f, cpu_period_us=CPU_PERIOD_US) for f in fractions]
+        try:
+            for limit in limits:
+                limit.__enter__()
+            # Join the cgroup before entering the namespace (`ip netns exec` remounts /sys).
+            members = [subprocess.Popen(limit.wrap_argv(rig.exec_argv(i, [
+                sys.executable, "-m", "bench.collectives.member", str(i), host.ip, str(workdir), str(numel),
+                str(repeats)])), cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                for i, (host, limit) in enumerate(zip(rig.hosts, limits, strict=True))]
+            for member in members:
+                member.wait(timeout=600)
+        finally:
+            for limit in limits:
+                limit.close()
+        missing = [i for i in range(len(fractions)) if not (workdir / f"result{i}.json").exists()]
+        if missing:
+            raise SystemExit(f"members {missing} of the {device_set.name} set wrote no result")
+        return [json.loads((workdir / f"result{i}.json").read_text()) for i in range(len(fractions))]
+
+
+def summarise(device_set: DeviceSet, members: list[dict[str, float]], numel: int) -> dict[str, Any]:
+    size, n = numel * 4, len(members)
+    rounds = 2 * (n - 1)
+    profiles = [Messaging(m["message_seconds"], m["byte_seconds"]) for m in members]
+    forecast = ring_all_reduce_seconds(size, n, LINK_MBIT * 1e6 / 8, 0.0, Messaging.slowest(profiles))
+    ring = max(m["ring_seconds"] for m in members)
+    slowest = min(range(n), key=lambda i: device_set.cpu_fractions[i])
+    return {
+        "device_set": device_set.name, "cpu_fractions": list(device_set.cpu_fractions), "bytes": size,
+        "ring_seconds": ring, "forecast_seconds": forecast, "forecast_error": forecast / ring - 1,
+        "ring_round_cpu": [m["ring_cpu"] / rounds for m in members],
+        "pair_round_cpu": [m["pair_round_cpu"] for m in members],
+        "profile_hop_seconds": [p.hops(1, size / n) for p in profiles],
+        "cpu_bound_seconds": max(m["ring_cpu"] / f for m, f in zip(members, device_set.cpu_fractions, strict=True)),
+        "compute_seconds": members[slowest]["compute_seconds"],
+        "compute_then_ring_seconds": members[slowest]["both_seconds"],
+        "sum_alone_seconds": members[slowest]["compute_seconds"] + ring,
+        "members": members,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--numel", type=int, default=8 * 32 * 96, help="float32 elements all-reduced")
+    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    console = Console(width=150)
+    reason = unavailable_reason()
+    if reason is not None:
+        console.print(f"bench.collectives: skipped: {reason}")
+        return
+    started = time.monotonic()
+    rows = [summarise(s, measure(s, args.numel, args.repeats), args.numel) for s in (HOMOGENEOUS, HETEROGENEOUS)]
+    table = Table(title=f"ring all-reduce of {args.numel * 4} bytes among 4 testbed hosts, ms")
+    for column in ("set", "measured", "forecast", "error", "ring CPU ÷ quota", "compute, then ring", "both alone"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(row["device_set"], f"{row['ring_seconds'] * 1e3:.2f}", f"{row['forecast_seconds'] * 1e3:.2f}",
+                      f"{row['forecast_error']:+.0%}", f"{row['cpu_bound_seconds'] * 1e3:.2f}",
+                      f"{row['compute_then_ring_seconds'] * 1e3:.2f}", f"{row['sum_alone_seconds'] * 1e3:.2f}")
+    console.print(table)
+    rounds = Table(title="CPU ms per member per ring round (one value per host), and the profile's hop")
+    for column in ("set", "in the 4-host ring", "2-member ring inside the device", "profile hop (wall)"):
+        rounds.add_column(column, justify="right")
+    for row in rows:
+        def ms(values: list[float]) -> str:
+            return " / ".join(f"{v * 1e3:.2f}" for v in values)
+        rounds.add_row(row["device_set"], ms(row["ring_round_cpu"]), ms(row["pair_round_cpu"]),
+                       ms(row["profile_hop_seconds"]))
+    console.print(rounds)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"benchmark": "collectives", "created": time.time(), "machine": platform.node(),
+                                       "numel": args.numel, "repeats": args.repeats, "cpu_period_us": CPU_PERIOD_US,
+                                       "link_mbit": LINK_MBIT, "elapsed_seconds": time.monotonic() - started,
+                                       "sets": rows}, indent=1))
+    console.print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
