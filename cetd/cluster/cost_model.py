@@ -346,14 +346,9 @@ def _gradient_sync(spec: JobSpec, parameters: int, number_bytes: int, members: S
 
 
 def _slowest_link(links: LinkMap | None, members: Sequence[DeviceOffer]) -> Link:
-    """What a collective among ``members`` waits on: every round ends when its slowest hop does, so the
-    least bandwidth and the longest latency among their pairs (not always the same pair's)."""
     ids = [m.device_id for m in members]
-    pairs = [link_between(links, a, b) for a in ids for b in ids if a < b]
-    if not pairs:
-        return DEFAULT_LINK
-    return Link(bandwidth_bytes_per_second=min(link.bandwidth_bytes_per_second for link in pairs),
-                latency_seconds=max(link.latency_seconds for link in pairs))
+    return min((link_between(links, a, b) for a in ids for b in ids if a < b),
+               key=lambda link: link.bandwidth_bytes_per_second, default=DEFAULT_LINK)
 
 
 def _data(spec: JobSpec, description: ModelDescription, costs: ModelCosts, workers: Sequence[WorkerAssignment],
