@@ -82,7 +82,7 @@ class JobManager:
         self._worker_failure: dict[str, tuple[str, bool]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.shapes = ShapeProfiles(state.path, self.worker_threads, enabled=profile, me=self.me,
-                                    remote=lambda device_id: self._client(device_id).profile, links=lambda: node.links,
+                                    remote=lambda device_id: self._client(device_id).profile,
                                     busy=lambda: bool(self._workers))  # a job trains here
 
     @property
@@ -290,14 +290,14 @@ class JobManager:
             job_id=job_id, state=JobState.LAUNCHING, spec_json=spec_json, submitter_id=caller,
             steps_total=spec.steps, created_at=time.time())))
         unusable = set(exclude) | self._draining
-        survey = await self.shapes.gather(self.live_devices(), description_json, spec, measure=not resume)
+        shapes = await self.shapes.gather(self.live_devices(), description_json, spec, measure=not resume)
         for attempt in range(3):
-            offers = [o for o in self._offers(description, spec.seq_len, survey.times) if o.device_id not in unusable]
+            offers = [o for o in self._offers(description, spec.seq_len, shapes) if o.device_id not in unusable]
             planned_spec = spec
             if resume and spec.devices > len(offers) >= 1:
                 # After a failure the job goes on with what is left rather than waiting for the lost device.
                 planned_spec = replace(spec, devices=len(offers), replicas=0 if spec.replicas > 1 else spec.replicas)
-            profiles, links = planning_inputs(self._node, offers, survey.links)
+            profiles, links = planning_inputs(self._node, offers)
             plan = plan_job(planned_spec, description, offers, objective=spec.objective, profiles=profiles,
                             links=links)
             plan_json = to_json(plan)
@@ -358,13 +358,13 @@ class JobManager:
         if coordinator != self.me:
             return await self._client(coordinator).plan(spec_json, description_json, remove, add_json)
         description = from_json(ModelDescription, description_json)
-        survey = await self.shapes.gather(self.live_devices(), description_json, spec, measure=True)
-        offers = [o for o in self._offers(description, spec.seq_len, survey.times) if o.device_id not in self._draining]
+        shapes = await self.shapes.gather(self.live_devices(), description_json, spec, measure=True)
+        offers = [o for o in self._offers(description, spec.seq_len, shapes) if o.device_id not in self._draining]
         try:
             added = [DeviceOffer(**d) for d in json.loads(add_json or "[]")]
         except (TypeError, ValueError) as error:
             raise JobError(f"malformed hypothetical device: {error}") from None
-        profiles, links = planning_inputs(self._node, [*offers, *added], survey.links)
+        profiles, links = planning_inputs(self._node, [*offers, *added])
         planned = what_if(spec, description, offers, remove=remove, add=added, objective=spec.objective,
                           profiles=profiles, links=links)
         return PlanAnswer(plan_json=to_json(planned.plan), prediction_json=json.dumps(asdict(planned.prediction)),

@@ -7,9 +7,8 @@ the numbers the planner sees are defined in one place.
 from __future__ import annotations
 
 import itertools
-import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -19,11 +18,9 @@ from cetd.cluster.power import EnergyModel, PowerProfile, profile_for
 from cetd.identity import tls_server_name
 from cetd.ids import DeviceId
 from cetd.runtime.spec import ModelDescription, ShapeTimes
-from cetd.transport.job_types import MeasuredLink, WorkerEndpoint
+from cetd.transport.job_types import WorkerEndpoint
 
 from .household import HouseholdNode
-
-logger = logging.getLogger(__name__)
 
 REFERENCE_BLOCK = (768, 12, 32)
 """The profiler's block: GPT-2 small's hidden size, heads and a 32-token sequence."""
@@ -76,46 +73,20 @@ def member_offers(node: HouseholdNode, description: ModelDescription | None = No
     return offers
 
 
-def planning_inputs(node: HouseholdNode, offers: list[DeviceOffer],
-                    reported: Mapping[str, Sequence[MeasuredLink]] | None = None
-                    ) -> tuple[dict[str, PowerProfile], dict[Any, Link]]:
-    """Power profiles of the offered devices and the links: this daemon's own measurements and those the
-    other members reported with their shape profiles (`reported`, by reporting device)."""
+def planning_inputs(node: HouseholdNode, offers: list[DeviceOffer]) -> tuple[dict[str, PowerProfile], dict[Any, Link]]:
+    """Power profiles of the offered devices and the links this daemon has measured."""
     profiles = {o.device_id: power_profile(o.power_profile) for o in offers}
     me = node.identity.device_id
-    own = [MeasuredLink(peer_id=str(peer), bandwidth_bytes_per_second=bandwidth, latency_seconds=latency)
-           for peer, (bandwidth, latency) in node.links.items()]
-    return profiles, link_map(me, {**(reported or {}), me: own})
-
-
-def link_map(me: str, reported: Mapping[str, Sequence[MeasuredLink]]) -> dict[Any, Link]:
-    """Every pair of devices some member measured, keyed ``(a, b)`` with ``a < b``.
-
-    A pair measured from both ends keeps the better reading (each probe already keeps its least stalled
-    round trip: a device held to a share of a core answers some probes late). A pair nobody measured
-    goes through ``me``: a home network is a star around the access point, so the path between two
-    others is taken as the slower of their measured paths to this device.
-    """
-    links: dict[Any, Link] = {}
-    for reporter, measured in reported.items():
-        for found in measured:
-            if found.bandwidth_bytes_per_second <= 0 or found.peer_id == reporter:
-                continue
-            key = tuple(sorted((reporter, found.peer_id)))
-            link = Link(bandwidth_bytes_per_second=found.bandwidth_bytes_per_second,
-                        latency_seconds=found.latency_seconds)
-            known = links.get(key)
-            links[key] = link if known is None else Link(
-                bandwidth_bytes_per_second=max(known.bandwidth_bytes_per_second, link.bandwidth_bytes_per_second),
-                latency_seconds=min(known.latency_seconds, link.latency_seconds))
-    direct = len(links)
-    to_me = {next(d for d in pair if d != me): link for pair, link in links.items() if me in pair}
-    for a, b in itertools.combinations(sorted(to_me), 2):
-        links.setdefault((a, b), Link(
-            bandwidth_bytes_per_second=min(to_me[a].bandwidth_bytes_per_second, to_me[b].bandwidth_bytes_per_second),
-            latency_seconds=max(to_me[a].latency_seconds, to_me[b].latency_seconds)))
-    logger.info("links for planning: %d pair(s) measured, %d through this device", direct, len(links) - direct)
-    return links
+    measured = {str(peer): Link(bandwidth_bytes_per_second=bandwidth, latency_seconds=latency)
+                for peer, (bandwidth, latency) in node.links.items() if bandwidth > 0}
+    links: dict[Any, Link] = {(me, peer): link for peer, link in measured.items()}
+    # This daemon measures only its own links. A home network is a star around the access point, so a
+    # path between two others is taken as the slower of their paths to this device.
+    for a, b in itertools.combinations(sorted(measured), 2):
+        links[(a, b)] = Link(bandwidth_bytes_per_second=min(measured[a].bandwidth_bytes_per_second,
+                                                            measured[b].bandwidth_bytes_per_second),
+                             latency_seconds=max(measured[a].latency_seconds, measured[b].latency_seconds))
+    return profiles, links
 
 
 def energy_model(node: HouseholdNode, devices: set[str]) -> EnergyModel:

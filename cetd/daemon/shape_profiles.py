@@ -11,9 +11,6 @@ the cache only, so recovery never waits on profiling.
 
 The key covers everything the times depend on: the model's config, the shape, the precision and the
 thread count a worker of this device uses.
-
-Every answer also carries the links the device has measured to its peers, with or without times, so
-the coordinator plans with each measured pair of devices rather than only with its own links.
 """
 
 from __future__ import annotations
@@ -23,20 +20,19 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
 from cetd.errors import CetdError, JobError
 from cetd.identity import write_file_atomic
-from cetd.ids import DeviceId
 from cetd.runtime.spec import JobSpec, ModelDescription, ShapeTimes, from_json, to_json
-from cetd.transport.job_types import MeasuredLink, ProfileAnswer, ProfileQuery
+from cetd.transport.job_types import ProfileAnswer, ProfileQuery
 
 from .job_process import JobProcess
 
-__all__ = ["ShapeProfiles", "Survey", "gather_shape_times", "shape_key"]
+__all__ = ["ShapeProfiles", "gather_shape_times", "shape_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,22 +52,12 @@ def shape_key(description: ModelDescription, *, micro_batch: int, seq_len: int, 
     return hashlib.sha256(document.encode()).hexdigest()[:32]
 
 
-@dataclass(frozen=True, slots=True)
-class Survey:
-    """What the devices answered before a plan."""
-
-    times: dict[str, ShapeTimes] = field(default_factory=dict)
-    """Device ID → its times for the job's shapes (devices without a measurement are absent)."""
-    links: dict[str, tuple[MeasuredLink, ...]] = field(default_factory=dict)
-    """Device ID → the links it measured to its peers."""
-
-
 class ShapeProfiles:
     """This device's side: answers `ProfileQuery` from its cache or by measuring."""
 
     def __init__(self, state_dir: Path, threads: int, *, busy: Callable[[], bool], enabled: bool = True,
-                 me: str = "", remote: Callable[[str], Callable[[ProfileQuery], Awaitable[ProfileAnswer]]] | None = None,
-                 links: Callable[[], Mapping[DeviceId, tuple[float, float]]] | None = None) -> None:
+                 me: str = "", remote: Callable[[str], Callable[[ProfileQuery], Awaitable[ProfileAnswer]]] | None = None
+                 ) -> None:
         """Args:
         state_dir: the daemon's state directory (the cache lives in its ``profiles`` folder).
         threads: the compute threads a worker of this device uses (the measurement uses as many).
@@ -79,7 +65,6 @@ class ShapeProfiles:
         enabled: ``device.profile``; off, this device measures nothing (it still answers from its cache).
         me: this device's ID (answered locally by `gather`).
         remote: device ID → its Profile RPC.
-        links: peer ID → (bandwidth, latency) this device measured (`HouseholdNode.links`), sent with every answer.
         """
         self._state_dir = state_dir
         self._dir = state_dir / PROFILES_DIR
@@ -89,13 +74,12 @@ class ShapeProfiles:
         self._enabled = enabled
         self._me = me
         self._remote = remote
-        self._links = links
         self.lock = asyncio.Lock()
         """Held while measuring (here and by the daily reference profiler): one measurement at a time."""
 
     async def gather(self, devices: Iterable[str], description_json: str, spec: JobSpec, *,
-                     measure: bool) -> Survey:
-        """The coordinator's side: ``devices``' times for ``spec``'s shapes and their links (`gather_shape_times`)."""
+                     measure: bool) -> dict[str, ShapeTimes]:
+        """The coordinator's side: ``devices``' times for ``spec``'s shapes (`gather_shape_times`)."""
         query = ProfileQuery(description_json=description_json, micro_batch=spec.global_batch // spec.micro_batches,
                              seq_len=spec.seq_len, precision=spec.precision, measure=measure)
 
@@ -117,19 +101,11 @@ class ShapeProfiles:
             return None
 
     async def answer(self, query: ProfileQuery) -> ProfileAnswer:
-        """The times for the query's shape (measured now when asked to, not cached and idle), and this
-        device's measured links.
+        """The times for the query's shape; measured now when asked to, not cached and idle.
 
         Raises:
             JobError: a malformed query (the description, the shape or the precision).
         """
-        found = await self._times(query)
-        measured = self._links() if self._links is not None else {}
-        links = tuple(MeasuredLink(peer_id=str(peer), bandwidth_bytes_per_second=bandwidth, latency_seconds=latency)
-                      for peer, (bandwidth, latency) in sorted(measured.items()) if bandwidth > 0)
-        return replace(found, links=links)
-
-    async def _times(self, query: ProfileQuery) -> ProfileAnswer:
         description = from_json(ModelDescription, query.description_json)
         if query.micro_batch < 1 or query.seq_len < 2 or query.precision not in ("float32", "float64"):
             raise JobError(f"cannot profile a micro-batch of {query.micro_batch} × {query.seq_len} tokens in "
@@ -175,26 +151,25 @@ Ask = Callable[[str, ProfileQuery], Awaitable[ProfileAnswer]]
 
 
 async def gather_shape_times(devices: Iterable[str], query: ProfileQuery, ask: Ask,
-                             timeout: timedelta = ASK_TIMEOUT) -> Survey:
-    """Every device's times for the query's shape and its measured links, asked in parallel; a device that
-    fails or times out is left out (and logged) — the planner then estimates it."""
+                             timeout: timedelta = ASK_TIMEOUT) -> dict[str, ShapeTimes]:
+    """Every device's times for the query's shape, asked in parallel; those that fail or time out are left out
+    (and logged) — the planner then estimates them."""
     ids = sorted(set(devices))
-    survey = Survey()
 
-    async def one(device_id: str) -> None:
+    async def one(device_id: str) -> ShapeTimes | None:
         try:
             reply = await asyncio.wait_for(ask(device_id, query), timeout.total_seconds())
         except (CetdError, OSError, TimeoutError) as error:
             logger.warning("no shape profile from %s: %s", device_id, error or "timed out")
-            return
-        survey.links[device_id] = reply.links
+            return None
         if not reply.times_json:
             logger.info("no shape profile from %s: %s", device_id, reply.reason)
-            return
+            return None
         try:
-            survey.times[device_id] = from_json(ShapeTimes, reply.times_json)
+            return from_json(ShapeTimes, reply.times_json)
         except JobError as error:
             logger.warning("no shape profile from %s: %s", device_id, error)
+            return None
 
-    await asyncio.gather(*(one(d) for d in ids))
-    return survey
+    answers = await asyncio.gather(*(one(d) for d in ids))
+    return {d: times for d, times in zip(ids, answers, strict=True) if times is not None}

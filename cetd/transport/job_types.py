@@ -131,22 +131,11 @@ class ProfileQuery:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class MeasuredLink:
-    """A link a device measured to one of its peers (`HouseholdNode.links`)."""
-
-    peer_id: str
-    bandwidth_bytes_per_second: float
-    latency_seconds: float
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class ProfileAnswer:
-    """A device's times for a shape (`cetd.runtime.profiling.ShapeTimes` as JSON), or why it has none; and
-    the links it has measured, with or without times."""
+    """A device's times for a shape (`cetd.runtime.profiling.ShapeTimes` as JSON), or why it has none."""
 
     times_json: str
     reason: str = ""
-    links: tuple[MeasuredLink, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

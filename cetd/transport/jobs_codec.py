@@ -7,8 +7,6 @@ from cetd.transport.job_types import (
     JobState,
     JobStatus,
     LaunchResult,
-    MeasuredLink,
-    ProfileAnswer,
     StepProgress,
     WorkerEndpoint,
     WorkerLaunch,
@@ -69,18 +67,6 @@ def endpoints_from_wire(msgs: object) -> tuple[WorkerEndpoint, ...]:
         WorkerEndpoint(rank=m.rank, device_id=m.device_id, address=m.address)
         for m in msgs  # type: ignore[attr-defined]  # a repeated field of WorkerEndpoint
     )
-
-
-def profile_answer_to_wire(answer: ProfileAnswer) -> pb.ProfileResponse:
-    return pb.ProfileResponse(times_json=answer.times_json, reason=answer.reason, links=[
-        pb.MeasuredLink(peer_id=link.peer_id, bandwidth_bytes_per_second=link.bandwidth_bytes_per_second,
-                        latency_seconds=link.latency_seconds) for link in answer.links])
-
-
-def profile_answer_from_wire(msg: pb.ProfileResponse) -> ProfileAnswer:
-    return ProfileAnswer(times_json=msg.times_json, reason=msg.reason, links=tuple(
-        MeasuredLink(peer_id=link.peer_id, bandwidth_bytes_per_second=link.bandwidth_bytes_per_second,
-                     latency_seconds=link.latency_seconds) for link in msg.links))
 
 
 def launch_result_to_wire(result: LaunchResult) -> pb.LaunchResponse:

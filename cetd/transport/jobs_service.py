@@ -129,7 +129,8 @@ class JobsServicer(pb_grpc.JobsServicer):
     async def Profile(self, request: pb.ProfileRequest, context: Context) -> pb.ProfileResponse:
         query = ProfileQuery(description_json=request.description_json, micro_batch=request.micro_batch,
                              seq_len=request.seq_len, precision=request.precision, measure=request.measure)
-        return codec.profile_answer_to_wire(await answer(context, self._handler.profile(query, CALLER.get())))
+        result = await answer(context, self._handler.profile(query, CALLER.get()))
+        return pb.ProfileResponse(times_json=result.times_json, reason=result.reason)
 
 
 def add_jobs_service(handler: JobsHandler) -> Any:
@@ -228,5 +229,5 @@ class JobsClient:
     async def profile(self, query: ProfileQuery, timeout: timedelta = timedelta(minutes=2)) -> ProfileAnswer:
         request = pb.ProfileRequest(description_json=query.description_json, micro_batch=query.micro_batch,
                                     seq_len=query.seq_len, precision=query.precision, measure=query.measure)
-        return codec.profile_answer_from_wire(
-            await call_rpc(self._target, self._stub.Profile(request, timeout=timeout.total_seconds())))
+        reply = await call_rpc(self._target, self._stub.Profile(request, timeout=timeout.total_seconds()))
+        return ProfileAnswer(times_json=reply.times_json, reason=reply.reason)

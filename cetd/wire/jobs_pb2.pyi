@@ -592,59 +592,22 @@ class ProfileResponse(_message.Message):
 
     TIMES_JSON_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
-    LINKS_FIELD_NUMBER: _builtins.int
     times_json: _builtins.str
     """JSON of cetd/runtime/profiling.py ShapeTimes; "" when the device has no measurement (reason says why)."""
     reason: _builtins.str
-    @_builtins.property
-    def links(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeasuredLink]:
-        """The links this device has measured to its peers (sent with or without times): the coordinator
-        plans with every measured pair, not only its own links.
-        """
-
     def __init__(
         self,
         *,
         times_json: _builtins.str = ...,
         reason: _builtins.str = ...,
-        links: _abc.Iterable[Global___MeasuredLink] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["links", b"links", "reason", b"reason", "times_json", b"times_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "times_json", b"times_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProfileResponse: _TypeAlias = ProfileResponse  # noqa: Y015
-
-@_typing.final
-class MeasuredLink(_message.Message):
-    """One link a device measured to a peer over mutual TLS (cetd/daemon/household.py: half the best of ten
-    tiny round trips; bandwidth from a 1 MiB probe).
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    PEER_ID_FIELD_NUMBER: _builtins.int
-    BANDWIDTH_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
-    LATENCY_SECONDS_FIELD_NUMBER: _builtins.int
-    peer_id: _builtins.str
-    bandwidth_bytes_per_second: _builtins.float
-    latency_seconds: _builtins.float
-    def __init__(
-        self,
-        *,
-        peer_id: _builtins.str = ...,
-        bandwidth_bytes_per_second: _builtins.float = ...,
-        latency_seconds: _builtins.float = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_bytes_per_second", b"bandwidth_bytes_per_second", "latency_seconds", b"latency_seconds", "peer_id", b"peer_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___MeasuredLink: _TypeAlias = MeasuredLink  # noqa: Y015
 
 @_typing.final
 class JobReport(_message.Message):

@@ -13,10 +13,9 @@ import pytest
 
 from cetd.daemon.shape_profiles import PROFILES_DIR, ShapeProfiles, gather_shape_times
 from cetd.errors import JobError, UnavailableError
-from cetd.ids import DeviceId
 from cetd.runtime.models.loading import load_model
 from cetd.runtime.spec import JobSpec, ShapeTimes, to_json
-from cetd.transport.job_types import MeasuredLink, ProfileAnswer, ProfileQuery
+from cetd.transport.job_types import ProfileAnswer, ProfileQuery
 
 
 def _description_json() -> str:
@@ -90,26 +89,12 @@ def test_gather_keeps_the_devices_that_answered() -> None:
         if device_id == "garbled":
             return ProfileAnswer(times_json="[1, 2]")
         if device_id == "busy":
-            return ProfileAnswer(times_json="", reason="a job runs on this device", links=(BUSY_TO_OK,))
+            return ProfileAnswer(times_json="", reason="a job runs on this device")
         return ProfileAnswer(times_json=json.dumps(asdict(good)))
 
     found = asyncio.run(gather_shape_times(["ok", "down", "slow", "garbled", "busy"], QUERY, ask,
                                            timeout=timedelta(seconds=0.5)))
-    assert found.times == {"ok": good}
-    # A device without times still reports its links; one that did not answer reports nothing.
-    assert found.links == {"ok": (), "garbled": (), "busy": (BUSY_TO_OK,)}
-
-
-BUSY_TO_OK = MeasuredLink(peer_id="ok", bandwidth_bytes_per_second=9e7, latency_seconds=4e-4)
-
-
-def test_every_answer_carries_the_devices_measured_links(tmp_path: Path) -> None:
-    measured = {DeviceId("b"): (5e7, 1e-3), DeviceId("a"): (1.2e8, 2e-4), DeviceId("never-probed"): (0.0, 0.0)}
-    profiles = ShapeProfiles(tmp_path, threads=1, busy=lambda: True, links=lambda: measured)
-    answer = asyncio.run(profiles.answer(QUERY))
-    assert answer.times_json == ""  # busy: not measured, and nothing cached
-    assert answer.links == (MeasuredLink(peer_id="a", bandwidth_bytes_per_second=1.2e8, latency_seconds=2e-4),
-                            MeasuredLink(peer_id="b", bandwidth_bytes_per_second=5e7, latency_seconds=1e-3))
+    assert found == {"ok": good}
 
 
 def test_the_coordinator_answers_itself_and_asks_the_others(tmp_path: Path) -> None:
@@ -123,5 +108,5 @@ def test_the_coordinator_answers_itself_and_asks_the_others(tmp_path: Path) -> N
 
     profiles = ShapeProfiles(tmp_path, threads=1, busy=lambda: True, me="me", remote=remote)
     spec = JobSpec(model="gpt2-tiny", data="d.jsonl", global_batch=8, micro_batches=4, seq_len=16)
-    assert asyncio.run(profiles.gather(["me", "a", "b"], QUERY.description_json, spec, measure=True)).times == {}
+    assert asyncio.run(profiles.gather(["me", "a", "b"], QUERY.description_json, spec, measure=True)) == {}
     assert sorted(asked) == ["a", "b"]
