@@ -294,10 +294,11 @@ class Driver:
             if isinstance(error, WorkerLost):
                 self._stop_workers(channel, announced + 1, shares)
                 raise
+            waited_on = error.rank if isinstance(error, _PeerFailed) else None
             cause = error.cause if isinstance(error, _PeerFailed) else error
-            # the transport's own witness first (a failed group names the rank that failed it), else
-            # the worker the driver was waiting on; a failed send says which worker it was for
-            failed_rank = cause.peer if cause.peer is not None else getattr(error, "rank", None)
+            # The transport's own witness first (a failed group names the rank that failed it, a failed
+            # send its receiver), else the worker the driver was waiting on.
+            failed_rank = cause.peer if cause.peer is not None else waited_on
             if announced <= spec.steps:
                 self._stop_workers(channel, announced + 1, shares)
             raise self._lost(progress, failed_rank, str(cause)) from cause
