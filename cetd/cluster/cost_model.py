@@ -511,11 +511,11 @@ def _add_step_overhead(timing: _Timing, spec: JobSpec, plan: JobPlan, links: Lin
     tokens = _micro(spec) * spec.seq_len * 8
     intakes = {w.device_id: messaging(offers[w.device_id]).ends(3 * local, tokens) for w in plan.workers}
     round_trip = 2 * _hop(links, members)
-    timing.step += round_trip + max(intakes.values())
+    overhead = round_trip + max(intakes.values())
+    timing.step += overhead
     for device_id, seconds in intakes.items():
         timing.busy[device_id] += seconds
-    timing.notes.append(f"driver round trip and micro-batch intake {round_trip + max(intakes.values()):.3f} s "
-                        "per step")
+    timing.notes.append(f"driver round trip and micro-batch intake {overhead:.3f} s per step")
 
 
 def _worker_parameters(description: ModelDescription, costs: ModelCosts, plan: JobPlan,
