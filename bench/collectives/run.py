@@ -21,6 +21,7 @@ Needs root, network namespaces and cgroup v1; otherwise it says why and exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pickle
 import platform
@@ -57,25 +58,20 @@ RESULTS = ROOT / "bench" / "results" / "collectives.json"
 def measure(device_set: DeviceSet, numel: int, repeats: int) -> list[dict[str, float]]:
     """Every member's result file, from one run on a fresh rig."""
     fractions = device_set.cpu_fractions
-    with tempfile.TemporaryDirectory(prefix="cetd-collectives-") as directory, NetnsRig(len(fractions)) as rig:
-        workdir = Path(directory)
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cetd-collectives-")))
+        rig = stack.enter_context(NetnsRig(len(fractions)))
         (workdir / "tls.pkl").write_bytes(pickle.dumps(make_household([f"d{i}" for i in range(len(fractions))])))
         for host in rig.hosts:
             rig.rate_limit(host, LINK_MBIT)
-        limits = [CgroupLimits(cpu_fraction=f, cpu_period_us=CPU_PERIOD_US) for f in fractions]
-        try:
-            for limit in limits:
-                limit.__enter__()
-            # Join the cgroup before entering the namespace (`ip netns exec` remounts /sys).
-            members = [subprocess.Popen(limit.wrap_argv(rig.exec_argv(i, [
-                sys.executable, "-m", "bench.collectives.member", str(i), host.ip, str(workdir), str(numel),
-                str(repeats)])), cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-                for i, (host, limit) in enumerate(zip(rig.hosts, limits, strict=True))]
-            for member in members:
-                member.wait(timeout=600)
-        finally:
-            for limit in limits:
-                limit.close()
+        limits = [stack.enter_context(CgroupLimits(cpu_fraction=f, cpu_period_us=CPU_PERIOD_US)) for f in fractions]
+        # Join the cgroup before entering the namespace (`ip netns exec` remounts /sys).
+        members = [subprocess.Popen(limit.wrap_argv(rig.exec_argv(i, [
+            sys.executable, "-m", "bench.collectives.member", str(i), host.ip, str(workdir), str(numel),
+            str(repeats)])), cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+            for i, (host, limit) in enumerate(zip(rig.hosts, limits, strict=True))]
+        for member in members:
+            member.wait(timeout=600)
         missing = [i for i in range(len(fractions)) if not (workdir / f"result{i}.json").exists()]
         if missing:
             raise SystemExit(f"members {missing} of the {device_set.name} set wrote no result")
