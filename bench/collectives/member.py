@@ -1,11 +1,13 @@
 """One ring member of `bench.collectives.run`, inside its host's namespace and CPU-capped cgroup.
 
     python -m bench.collectives.member RANK HOST_IP WORKDIR NUMEL REPEATS
+    python -m bench.collectives.member echo RANK WORKDIR ADDRESS     (the profile's far end, started by a member)
 
 Prints nothing; writes ``WORKDIR/result<RANK>.json``:
 
 - ``message_seconds``, ``byte_seconds``: the daemon's own transport profile of this device
-  (`cetd.runtime.profiling.profile_transport`, two channels on 127.0.0.1), which the cost model paces rings by;
+  (`cetd.runtime.profiling.profile_transport` against an echo in a second process, both on 127.0.0.1),
+  which the cost model paces rings by;
 - ``pair_round_seconds``, ``pair_round_cpu``: one member's ring round when both members of a 2-member
   `all_reduce_` are on this device (wall and CPU, per member and round);
 - ``ring_seconds``, ``ring_cpu``: one `all_reduce_` of NUMEL float32 among all hosts, wall and this
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import pickle
 import resource
+import subprocess
 import sys
 import threading
 import time
@@ -29,7 +32,7 @@ import torch
 
 from cetd.ids import JobId
 from cetd.runtime.collectives import all_reduce_
-from cetd.runtime.profiling import profile_transport
+from cetd.runtime.profiling import echo_transport, profile_transport
 from cetd.transport.channel import TensorKey
 from cetd.transport.tensor_channel import GrpcPeerChannel, TensorChannelConfig
 
@@ -54,10 +57,11 @@ def main(rank: int, ip: str, workdir: Path, numel: int, repeats: int) -> None:
                                host=host, config=config)
 
     result: dict[str, float] = {}
-    with channel(0, 2, "profile", "127.0.0.1") as near, channel(1, 2, "profile", "127.0.0.1") as far:
+    with channel(0, 2, "profile", "127.0.0.1") as near:
+        result["message_seconds"], result["byte_seconds"] = _profile_against_echo(rank, workdir, near, me.tls_name)
+    with channel(0, 2, "pair", "127.0.0.1") as near, channel(1, 2, "pair", "127.0.0.1") as far:
         near.connect({1: (far.address, me.tls_name)})
         far.connect({0: (near.address, me.tls_name)})
-        result["message_seconds"], result["byte_seconds"] = profile_transport(near, far)
         pairs = 60
         buffers = [torch.ones(2 * (numel // world)) for _ in range(2)]
 
@@ -117,5 +121,35 @@ def main(rank: int, ip: str, workdir: Path, numel: int, repeats: int) -> None:
     (workdir / f"result{rank}.json").write_text(json.dumps(result))
 
 
+def _profile_against_echo(rank: int, workdir: Path, near: GrpcPeerChannel, tls_name: str) -> tuple[float, float]:
+    """`profile_transport` from ``near`` (rank 0 of its pair) against `echo` in a second process, as the daemon does."""
+    address_file = workdir / f"echo{rank}"
+    echo_process = subprocess.Popen([sys.executable, "-m", "bench.collectives.member", "echo", str(rank), str(workdir),
+                                     near.address])
+    try:
+        while not address_file.exists():
+            if echo_process.poll() is not None:
+                raise SystemExit(f"member {rank}: the transport echo exited with {echo_process.returncode}")
+            time.sleep(0.05)
+        near.connect({1: (address_file.read_text(), tls_name)})
+        return profile_transport(near, 1)
+    finally:
+        echo_process.wait(timeout=120)
+
+
+def echo(rank: int, workdir: Path, address: str) -> None:
+    devices = pickle.loads((workdir / "tls.pkl").read_bytes())
+    me = devices[rank]
+    with GrpcPeerChannel(rank=1, world_size=2, job_id=JobId("profile"), tls=me.tls, authorize=lambda pem: True,
+                         host="127.0.0.1", config=TensorChannelConfig(timeout=TIMEOUT)) as far:
+        (workdir / f"echo{rank}.tmp").write_text(far.address)
+        (workdir / f"echo{rank}.tmp").rename(workdir / f"echo{rank}")
+        far.connect({0: (address, me.tls_name)})
+        echo_transport(far, 0)
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    if sys.argv[1] == "echo":
+        echo(int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
+    else:
+        main(int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

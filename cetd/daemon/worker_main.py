@@ -22,6 +22,10 @@ A profiler process gets one line and answers one:
     process → daemon   {"event": "profiled", "times": {...}} (the model's shapes) | {"event": "profiled",
                         "block_seconds"} (the reference block)
 
+The shape profiler starts one more process of this module to time the transport against: it gets
+``{"role": "echo", "state_dir", "threads", "peer": ["host:port", "tls-name"]}``, answers
+``{"event": "ready", "address"}`` and sends every tensor message straight back until the profile ends.
+
 This process is the composition root for torch work: it owns the tensor channel (mutual TLS with the
 device's identity; peers are checked against the roster) and runs the runtime's driver or worker.
 """
@@ -258,18 +262,53 @@ def run_profile(launch: dict[str, Any]) -> None:
     emit("profiled", block_seconds=sum(times) / len(times) / hidden.shape[0], threads=torch.get_num_threads())
 
 
+ECHO_READY_TIMEOUT = 180.0
+"""Longest the profiler waits for its echo process to start (it imports torch; a slow board takes a while)."""
+
+
 def _profile_transport(launch: dict[str, Any]) -> tuple[float, float]:
-    """Ping-pong over two tensor channels of this device (its identity, mutual TLS on 127.0.0.1)."""
+    """Ping-pong with an echo in a second process of this device (its identity, mutual TLS on 127.0.0.1)."""
+    import select
+    import subprocess
+
     from cetd.identity import tls_server_name
     from cetd.runtime.profiling import profile_transport
 
     identity = load_identity(StateDir(launch["state_dir"]))
     local = {**launch, "job_id": "profile", "host": "127.0.0.1"}
     name = tls_server_name(identity.device_id)
-    with _channel(local, 0, 2) as near, _channel(local, 1, 2) as far:
-        near.connect({1: (far.address, name)})
-        far.connect({0: (near.address, name)})
-        return profile_transport(near, far)
+    with _channel(local, 0, 2) as near:
+        echo = subprocess.Popen([sys.executable, "-m", "cetd.daemon.worker_main"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            assert echo.stdin is not None and echo.stdout is not None
+            echo.stdin.write(json.dumps({"role": "echo", "state_dir": launch["state_dir"], "threads": 1,
+                                         "peer": [near.address, name]}) + "\n")
+            echo.stdin.flush()
+            readable, _, _ = select.select([echo.stdout], [], [], ECHO_READY_TIMEOUT)
+            event = json.loads(echo.stdout.readline() or "{}") if readable else {}
+            if event.get("event") != "ready":
+                raise TransportError(f"the transport echo did not start: {event.get('reason') or 'no answer'}")
+            near.connect({1: (event["address"], name)})
+            timed = profile_transport(near, 1)
+            echo.wait(timeout=60)
+            return timed
+        finally:
+            if echo.poll() is None:
+                echo.kill()
+                echo.wait()
+
+
+def run_echo(launch: dict[str, Any]) -> None:
+    """The far end of the transport profile: a second process that sends every message straight back."""
+    from cetd.runtime.profiling import echo_transport
+
+    address, name = launch["peer"]
+    local = {**launch, "job_id": "profile", "host": "127.0.0.1"}
+    with _channel(local, 1, 2) as far:
+        emit("ready", address=far.address)
+        far.connect({0: (address, name)})
+        echo_transport(far, 0)
 
 
 def _cpu_seconds() -> float:
@@ -302,6 +341,8 @@ def main() -> int:
             run_driver(launch, link)
         elif launch["role"] == "profile":
             run_profile(launch)
+        elif launch["role"] == "echo":
+            run_echo(launch)
         else:
             run_worker_process(launch, link)
     except TensorMismatch as error:

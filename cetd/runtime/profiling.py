@@ -10,20 +10,24 @@ model's. The measured pieces, each at the job's micro-batch and sequence length,
   norms, residuals), which the planner keeps whole on every tensor-parallel device;
 - the embedding (first stage) and the head with its loss (last stage), each as a multiple of a block;
 - one AdamW step, per parameter (it grows with the share's parameters, not with the batch);
-- with `profile_transport`, one message hop over the real tensor transport (mutual TLS, both ends on
-  this device): its fixed cost and its cost per byte — what a throttled or slow CPU adds to every
-  activation, gradient and all-reduce beyond the network's own time.
+- with `profile_transport`, one message hop over the real tensor transport (mutual TLS, its two ends in
+  two processes of this device): its fixed cost and its cost per byte — what a throttled or slow CPU
+  adds to every activation, gradient and all-reduce beyond the network's own time.
 
 Small shapes are dominated by per-operator overhead, not FLOPs; that is why the shapes are the job's
 own rather than a reference block scaled by FLOPs. Each piece runs back to back for a while (at least
-`SUSTAIN_SECONDS` and `repeats` passes) and its time is the wall time over the passes: the sustained
-rate a training step sees. The fastest single pass would not do: a device held to a share of a core (a
-CPU quota, thermal or power limits) runs a millisecond's burst at full speed and is throttled only over
-longer spans.
+`SUSTAIN_SECONDS` and `repeats` passes), cut into `WINDOWS` windows; its time is the median window's
+wall time per pass: the sustained rate a training step sees. The fastest single pass would not do: a
+device held to a share of a core (a CPU quota, thermal or power limits) runs a millisecond's burst at
+full speed and is throttled only over longer spans. One mean over the whole span would not do either:
+a burst of other work on the device (another process starting, a neighbour's measurement on a shared
+machine) lands in one or two windows and would skew the mean; the median leaves it out.
 """
 
 from __future__ import annotations
 
+import functools
+import statistics
 import time
 from collections.abc import Callable, Mapping
 
@@ -36,13 +40,16 @@ from cetd.runtime.spec import ModelDescription, ShapeTimes
 from cetd.runtime.tensor_parallel import make_tensor_parallel_model
 from cetd.transport.channel import PeerChannel, TensorKey, TensorSpec
 
-__all__ = ["profile_shape", "profile_transport"]
+__all__ = ["echo_transport", "profile_shape", "profile_transport"]
 
 WARMUP = 2
 """Passes left out before timing (caches, the allocator, lazily built kernels)."""
 
-SUSTAIN_SECONDS = 0.5
+SUSTAIN_SECONDS = 1.0
 """Least wall time each piece is timed for: several periods of a CFS quota (100 ms) or a governor's window."""
+
+WINDOWS = 5
+"""Windows each piece's span is cut into; the median window's time per pass is the piece's time."""
 
 
 def _one_block_model(description: ModelDescription, dtype: torch.dtype) -> torch.nn.Module:
@@ -70,18 +77,26 @@ def _batch(description: ModelDescription, micro_batch: int, seq_len: int) -> dic
     return batch
 
 
-def _sustained(run: Callable[[], None], repeats: int, sustain: float) -> float:
-    """Seconds per pass of ``run`` over at least ``repeats`` passes and ``sustain`` seconds, after warm-up."""
+def _sustained(run: Callable[[], None], repeats: int, sustain: float, windows: int = WINDOWS) -> float:
+    """Seconds per pass of ``run``: the median over ``windows`` windows of at least ``sustain / windows``
+    seconds each (and ``repeats`` passes in all), after warm-up."""
     for _ in range(WARMUP):
         run()
+    window = sustain / max(windows, 1)
+    per_pass: list[float] = []
     passes = 0
-    started = time.perf_counter()
-    while True:
-        run()
-        passes += 1
-        elapsed = time.perf_counter() - started
-        if passes >= repeats and elapsed >= sustain:
-            return elapsed / passes
+    while len(per_pass) < windows or passes < repeats:
+        count = 0
+        started = time.perf_counter()
+        while True:
+            run()
+            count += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= window:
+                break
+        per_pass.append(elapsed / count)
+        passes += count
+    return statistics.median(per_pass)
 
 
 def _unsplittable_block_seconds(model: torch.nn.Module, adapter: ModelAdapter, hidden: torch.Tensor,
@@ -152,27 +167,59 @@ def profile_shape(description: ModelDescription, *, micro_batch: int, seq_len: i
     )
 
 
-def profile_transport(near: PeerChannel, far: PeerChannel, *, repeats: int = 20, sustain: float = SUSTAIN_SECONDS,
+SENTINEL = -1.0
+"""A hop's tensor filled with this ends a phase of `echo_transport` (echoed back, like every message)."""
+
+
+def _phases(large: int) -> dict[str, torch.Tensor]:
+    return {"profile/small": torch.zeros(16, dtype=torch.float32),
+            "profile/large": torch.zeros(max(large // 4, 16), dtype=torch.float32)}
+
+
+def profile_transport(near: PeerChannel, far_rank: int, *, repeats: int = 20, sustain: float = SUSTAIN_SECONDS,
                       large: int = 1 << 20, timeout: float = 60.0) -> tuple[float, float]:
-    """Seconds per message hop and per byte between two connected channels (ping-pong, both on this device).
+    """Seconds per message hop and per byte, by ping-pong with `echo_transport` at ``far_rank`` on this device.
 
-    A hop's time here is the sender's and the receiver's CPU work together (plus the loopback), which is
-    what two such devices spend between them on one hop; the planner splits it evenly between the ends.
+    Run the echo in another process of this device (as the daemon's profiler does): a hop between two
+    devices costs each of them one process's work on a real socket — a message's framing, TLS, gRPC,
+    copies and the wake-ups of the threads that carry it. Two channels inside one process share those
+    threads and wake-ups, and timed rings across the testbed's hosts at about twice what such a hop
+    predicted (`bench.collectives`). The hop's time is both ends' work on this device (plus loopback);
+    the planner splits it evenly between the two ends of a real hop.
     """
-    counter = 0
+    counters = dict.fromkeys(_phases(large), 0)
 
-    def ping_pong(tensor: torch.Tensor) -> None:
-        nonlocal counter
-        counter += 1
+    def ping_pong(name: str, tensor: torch.Tensor) -> None:
+        counters[name] += 1
         spec = TensorSpec(dtype=tensor.dtype, shape=tuple(tensor.shape))
-        there, back = (TensorKey(step=counter, micro_batch=i, name="profile/hop") for i in (0, 1))
-        near.send(far.rank, there, tensor).wait(timeout)
-        echo = far.recv(near.rank, there, spec, timeout)
-        far.send(near.rank, back, echo).wait(timeout)
-        near.recv(far.rank, back, spec, timeout)
+        there, back = (TensorKey(step=counters[name], micro_batch=i, name=name) for i in (0, 1))
+        near.send(far_rank, there, tensor).wait(timeout)
+        near.recv(far_rank, back, spec, timeout)
 
-    small = torch.zeros(16, dtype=torch.float32)
-    big = torch.zeros(large // 4, dtype=torch.float32)
-    small_hop = _sustained(lambda: ping_pong(small), repeats, sustain) / 2
-    big_hop = _sustained(lambda: ping_pong(big), max(2, repeats // 4), sustain) / 2
-    return small_hop, max(big_hop - small_hop, 0.0) / large
+    hops = {}
+    for name, tensor in _phases(large).items():
+        passes = repeats if name == "profile/small" else max(2, repeats // 4)
+        hops[name] = _sustained(functools.partial(ping_pong, name, tensor), passes, sustain) / 2
+        ping_pong(name, torch.full_like(tensor, SENTINEL))
+    small_hop, big_hop = hops["profile/small"], hops["profile/large"]
+    return small_hop, max(big_hop - small_hop, 0.0) / (_phases(large)["profile/large"].numel() * 4)
+
+
+def echo_transport(far: PeerChannel, near_rank: int, *, large: int = 1 << 20, timeout: float = 60.0) -> int:
+    """The other end of `profile_transport`: send every message straight back, until each phase's sentinel.
+
+    Returns:
+        The messages echoed.
+    """
+    echoed = 0
+    for name, tensor in _phases(large).items():
+        spec = TensorSpec(dtype=tensor.dtype, shape=tuple(tensor.shape))
+        step = 0
+        while True:
+            step += 1
+            message = far.recv(near_rank, TensorKey(step=step, micro_batch=0, name=name), spec, timeout)
+            far.send(near_rank, TensorKey(step=step, micro_batch=1, name=name), message).wait(timeout)
+            echoed += 1
+            if message.numel() and float(message[0]) == SENTINEL:
+                break
+    return echoed

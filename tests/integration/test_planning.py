@@ -92,7 +92,7 @@ def test_the_plan_uses_each_devices_own_times_for_the_models_shapes(household: H
     assert 0 < times["block_seconds"] < 0.1
     assert times["head_blocks"] > 0
     assert times["optimizer_seconds_per_parameter"] > 0
-    assert times["message_seconds"] > 0  # a hop over two real mutual-TLS tensor channels of the device
+    assert times["message_seconds"] > 0  # a hop between two processes of the device over mutual-TLS channels
     assert times["byte_seconds"] > 0
     others = [str(d.device_id) for d in household.daemons[:2]]
     assert {first["speed_source"][d] for d in others} <= {"estimated", "profiled"}

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cetd.runtime import profiling
 from cetd.runtime.driver import Driver
-from cetd.runtime.profiling import _one_block_model, profile_shape, profile_transport
+from cetd.runtime.profiling import _one_block_model, _sustained, echo_transport, profile_shape, profile_transport
 from cetd.runtime.spec import JobSpec, ModelDescription
 
 
@@ -57,12 +58,62 @@ def _fields(description: ModelDescription) -> dict[str, object]:
 
 
 @pytest.mark.timeout(60)
-def test_a_hop_is_timed_over_the_channel_and_every_message_is_consumed() -> None:
+def test_a_hop_is_timed_against_the_echo_and_every_message_is_consumed() -> None:
+    import threading
+
     from cetd.runtime.local_channel import make_local_channels
 
     near, far = make_local_channels(2)
-    message, per_byte = profile_transport(near, far, repeats=3, sustain=0.02, large=1 << 16)
+    echoed: list[int] = []
+    echo = threading.Thread(target=lambda: echoed.append(echo_transport(far, 0, large=1 << 16)))
+    echo.start()
+    message, per_byte = profile_transport(near, 1, repeats=3, sustain=0.02, large=1 << 16)
+    echo.join(timeout=30)
     assert message > 0
     assert per_byte >= 0
+    assert len(echoed) == 1
+    # Both phases: at least a pass per window, the warm-up, and the sentinel that ends the phase.
+    assert echoed[0] >= 2 * (profiling.WINDOWS + profiling.WARMUP + 1)
     assert near.undelivered() == []
     assert far.undelivered() == []
+
+
+class _Clock:
+    """A fake `time.perf_counter` that only the timed pass moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_burst_of_other_work_in_one_window_does_not_skew_the_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(profiling.time, "perf_counter", clock)
+    passes = 0
+
+    def run() -> None:  # 10 ms a pass, but passes 30..32 take 100 ms each (a neighbour's burst)
+        nonlocal passes
+        passes += 1
+        clock.now += 0.100 if 30 <= passes < 33 else 0.010
+
+    seconds = _sustained(run, repeats=5, sustain=1.0, windows=5)
+    assert seconds == pytest.approx(0.010)
+    timed = passes - profiling.WARMUP
+    mean = (timed * 0.010 + 3 * 0.090) / timed
+    assert mean > 0.012  # the whole span's mean would have been more than 20% slow
+
+
+def test_sustained_times_at_least_the_span_and_the_passes_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(profiling.time, "perf_counter", clock)
+    passes = 0
+
+    def run() -> None:
+        nonlocal passes
+        passes += 1
+        clock.now += 0.5  # a pass longer than a window: each window holds one
+
+    assert _sustained(run, repeats=7, sustain=1.0, windows=3) == pytest.approx(0.5)
+    assert passes == profiling.WARMUP + 7
