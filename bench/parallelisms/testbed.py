@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cetd.daemon.profiler import PROFILE_FILE
 from tests.integration.rig import Household, wait_until
 from tests.testbed.cgroups import CgroupLimits, cgroup_v1_unavailable_reason
 from tests.testbed.netns import NetnsRig, netns_unavailable_reason
@@ -189,6 +190,11 @@ def testbed(root: Path, device_set: DeviceSet, *, memory_limit_bytes: int) -> It
         for daemon, prefix in zip(household.daemons, netns_prefixes, strict=True):
             daemon.prefix = prefix  # cetctl and peer queries run uncapped: they are the user's, not the device's
         wait_until(household.agreed_coordinator, 60, interval=0.5, what="a coordinator")
+        # A fresh daemon times its reference block once, seconds after it starts. Waiting for all four keeps
+        # those measurements out of the first model's shape profiles (and the shape profiles out of theirs):
+        # on these shared cores, overlapping measurements slowed each other by 10–20%.
+        wait_until(lambda: all((Path(d.state_dir) / PROFILE_FILE).exists() for d in household.daemons), 300,
+                   interval=0.5, what="every device's reference profile")
         hosts = {str(d.device_id): i for i, d in enumerate(household.daemons)}
         yield Testbed(rig=rig, household=household, device_set=device_set, limits=limits, accounting=accounting,
                       memory_limit_bytes=memory_limit_bytes, host_of_device=hosts)
