@@ -6,8 +6,8 @@
 Prints nothing; writes ``WORKDIR/result<RANK>.json``:
 
 - ``message_seconds``, ``byte_seconds``: the daemon's own transport profile of this device
-  (`cetd.runtime.profiling.profile_transport` against an echo in a second process, both on 127.0.0.1),
-  which the cost model paces rings by;
+  (`cetd.runtime.profiling.profile_transport` against an echo in a second process, both on 127.0.0.1,
+  both ends' CPU over the device's share of a core), which the cost model paces rings by;
 - ``pair_round_seconds``, ``pair_round_cpu``: one member's ring round when both members of a 2-member
   `all_reduce_` are on this device (wall and CPU, per member and round);
 - ``ring_seconds``, ``ring_cpu``: one `all_reduce_` of NUMEL float32 among all hosts, wall and this
@@ -32,7 +32,7 @@ import torch
 
 from cetd.ids import JobId
 from cetd.runtime.collectives import all_reduce_
-from cetd.runtime.profiling import echo_transport, profile_transport
+from cetd.runtime.profiling import PhaseCost, echo_transport, hop_cpu_seconds, profile_transport
 from cetd.transport.channel import TensorKey
 from cetd.transport.tensor_channel import GrpcPeerChannel, TensorChannelConfig
 
@@ -121,9 +121,20 @@ def main(rank: int, ip: str, workdir: Path, numel: int, repeats: int) -> None:
     (workdir / f"result{rank}.json").write_text(json.dumps(result))
 
 
+def _cpu_share(seconds: float = 0.5) -> float:
+    """CPU-seconds per wall second this process gets on a compute loop (as the profiler's block piece)."""
+    x = torch.randn(256, 256)
+    started, used = time.perf_counter(), cpu()
+    while time.perf_counter() - started < seconds:
+        torch.mm(x, x)
+    return (cpu() - used) / (time.perf_counter() - started)
+
+
 def _profile_against_echo(rank: int, workdir: Path, near: GrpcPeerChannel, tls_name: str) -> tuple[float, float]:
-    """`profile_transport` from ``near`` (rank 0 of its pair) against `echo` in a second process, as the daemon does."""
-    address_file = workdir / f"echo{rank}"
+    """The daemon's transport profile: `profile_transport` from ``near`` against `echo` in a second process,
+    both ends' CPU over this device's share (`hop_cpu_seconds`)."""
+    share = _cpu_share()
+    address_file, costs_file = workdir / f"echo{rank}", workdir / f"echo{rank}.json"
     echo_process = subprocess.Popen([sys.executable, "-m", "bench.collectives.member", "echo", str(rank), str(workdir),
                                      near.address])
     try:
@@ -132,9 +143,11 @@ def _profile_against_echo(rank: int, workdir: Path, near: GrpcPeerChannel, tls_n
                 raise SystemExit(f"member {rank}: the transport echo exited with {echo_process.returncode}")
             time.sleep(0.05)
         near.connect({1: (address_file.read_text(), tls_name)})
-        return profile_transport(near, 1)
+        timed = profile_transport(near, 1)
     finally:
         echo_process.wait(timeout=120)
+    far = {name: PhaseCost(**cost) for name, cost in json.loads(costs_file.read_text()).items()}
+    return hop_cpu_seconds(timed, far, share)
 
 
 def echo(rank: int, workdir: Path, address: str) -> None:
@@ -145,7 +158,9 @@ def echo(rank: int, workdir: Path, address: str) -> None:
         (workdir / f"echo{rank}.tmp").write_text(far.address)
         (workdir / f"echo{rank}.tmp").rename(workdir / f"echo{rank}")
         far.connect({0: (address, me.tls_name)})
-        echo_transport(far, 0)
+        phases = echo_transport(far, 0)
+    (workdir / f"echo{rank}.json").write_text(json.dumps({name: {"messages": c.messages, "cpu_seconds": c.cpu_seconds}
+                                                           for name, c in phases.items()}))
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def main() -> None:
                       f"{row['compute_then_ring_seconds'] * 1e3:.2f}", f"{row['sum_alone_seconds'] * 1e3:.2f}")
     console.print(table)
     rounds = Table(title="CPU ms per member per ring round (one value per host), and the profile's hop")
-    for column in ("set", "in the 4-host ring", "2-member ring inside the device", "profile hop (wall)"):
+    for column in ("set", "in the 4-host ring", "2-member ring inside the device", "profile hop (CPU ÷ share)"):
         rounds.add_column(column, justify="right")
     for row in rows:
         def ms(values: list[float]) -> str:

@@ -24,7 +24,8 @@ A profiler process gets one line and answers one:
 
 The shape profiler starts one more process of this module to time the transport against: it gets
 ``{"role": "echo", "state_dir", "threads", "peer": ["host:port", "tls-name"]}``, answers
-``{"event": "ready", "address"}`` and sends every tensor message straight back until the profile ends.
+``{"event": "ready", "address"}``, sends every tensor message straight back until the profile ends, then
+answers ``{"event": "echoed", "phases": {name: {"messages", "cpu_seconds"}}}`` (its CPU per phase).
 
 This process is the composition root for torch work: it owns the tensor channel (mutual TLS with the
 device's identity; peers are checked against the roster) and runs the runtime's driver or worker.
@@ -239,8 +240,8 @@ def run_profile(launch: dict[str, Any]) -> None:
         shape = profile_shape(description, micro_batch=int(launch["micro_batch"]), seq_len=int(launch["seq_len"]),
                               dtype=torch_dtype(str(launch.get("precision", "float32"))))
         try:
-            message, per_byte = _profile_transport(launch)
-        except (CetdError, OSError, KeyError, TransportError) as error:  # no identity here: times without it
+            message, per_byte = _profile_transport(launch, shape.cpu_share)
+        except (CetdError, OSError, KeyError, ValueError, TransportError) as error:  # no identity here, say
             logger.warning("the transport was not profiled: %s", error)
         else:
             shape = dataclasses.replace(shape, message_seconds=message, byte_seconds=per_byte)
@@ -266,37 +267,50 @@ ECHO_READY_TIMEOUT = 180.0
 """Longest the profiler waits for its echo process to start (it imports torch; a slow board takes a while)."""
 
 
-def _profile_transport(launch: dict[str, Any]) -> tuple[float, float]:
-    """Ping-pong with an echo in a second process of this device (its identity, mutual TLS on 127.0.0.1)."""
+def _profile_transport(launch: dict[str, Any], cpu_share: float) -> tuple[float, float]:
+    """Seconds per hop and per byte: ping-pong with an echo in a second process of this device (its identity,
+    mutual TLS on 127.0.0.1), both ends' CPU over ``cpu_share`` (`hop_cpu_seconds`); the ping-pong's wall
+    time where no share was measured."""
     import select
     import subprocess
 
     from cetd.identity import tls_server_name
-    from cetd.runtime.profiling import profile_transport
+    from cetd.runtime.profiling import PhaseCost, hop_cpu_seconds, profile_transport
 
     identity = load_identity(StateDir(launch["state_dir"]))
     local = {**launch, "job_id": "profile", "host": "127.0.0.1"}
     name = tls_server_name(identity.device_id)
+
+    def line(timeout: float) -> dict[str, Any]:
+        assert echo.stdout is not None
+        readable, _, _ = select.select([echo.stdout], [], [], timeout)
+        return json.loads(echo.stdout.readline() or "{}") if readable else {}
+
     with _channel(local, 0, 2) as near:
         echo = subprocess.Popen([sys.executable, "-m", "cetd.daemon.worker_main"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
-            assert echo.stdin is not None and echo.stdout is not None
+            assert echo.stdin is not None
             echo.stdin.write(json.dumps({"role": "echo", "state_dir": launch["state_dir"], "threads": 1,
                                          "peer": [near.address, name]}) + "\n")
             echo.stdin.flush()
-            readable, _, _ = select.select([echo.stdout], [], [], ECHO_READY_TIMEOUT)
-            event = json.loads(echo.stdout.readline() or "{}") if readable else {}
-            if event.get("event") != "ready":
-                raise TransportError(f"the transport echo did not start: {event.get('reason') or 'no answer'}")
-            near.connect({1: (event["address"], name)})
+            ready = line(ECHO_READY_TIMEOUT)
+            if ready.get("event") != "ready":
+                raise TransportError(f"the transport echo did not start: {ready.get('reason') or 'no answer'}")
+            near.connect({1: (ready["address"], name)})
             timed = profile_transport(near, 1)
+            echoed = line(60.0)
+            if echoed.get("event") != "echoed":
+                raise TransportError(f"the transport echo did not report: {echoed.get('reason') or 'no answer'}")
             echo.wait(timeout=60)
-            return timed
         finally:
             if echo.poll() is None:
                 echo.kill()
                 echo.wait()
+    if cpu_share <= 0:
+        return timed.hop_seconds, timed.byte_seconds
+    far = {phase: PhaseCost(**cost) for phase, cost in echoed["phases"].items()}
+    return hop_cpu_seconds(timed, far, cpu_share)
 
 
 def run_echo(launch: dict[str, Any]) -> None:
@@ -308,7 +322,8 @@ def run_echo(launch: dict[str, Any]) -> None:
     with _channel(local, 1, 2) as far:
         emit("ready", address=far.address)
         far.connect({0: (address, name)})
-        echo_transport(far, 0)
+        phases = echo_transport(far, 0)
+    emit("echoed", phases={phase: dataclasses.asdict(cost) for phase, cost in phases.items()})
 
 
 def _cpu_seconds() -> float:

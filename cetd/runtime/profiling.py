@@ -27,9 +27,11 @@ machine) lands in one or two windows and would skew the mean; the median leaves 
 from __future__ import annotations
 
 import functools
+import resource
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -40,7 +42,8 @@ from cetd.runtime.spec import ModelDescription, ShapeTimes
 from cetd.runtime.tensor_parallel import make_tensor_parallel_model
 from cetd.transport.channel import PeerChannel, TensorKey, TensorSpec
 
-__all__ = ["echo_transport", "profile_shape", "profile_transport"]
+__all__ = ["PhaseCost", "TransportProfile", "cpu_seconds", "echo_transport", "hop_cpu_seconds", "profile_shape",
+           "profile_transport"]
 
 WARMUP = 2
 """Passes left out before timing (caches, the allocator, lazily built kernels)."""
@@ -149,7 +152,9 @@ def profile_shape(description: ModelDescription, *, micro_batch: int, seq_len: i
     def run_head() -> None:
         head(hidden.clone().requires_grad_(True), fields).backward()
 
+    cpu_before, wall_before = cpu_seconds(), time.perf_counter()
     block_time = _sustained(run_block, repeats, sustain)
+    share = (cpu_seconds() - cpu_before) / max(time.perf_counter() - wall_before, 1e-9)
     fixed = _unsplittable_block_seconds(model, adapter, hidden, fields, block_time, repeats, sustain)
     embedding_time = _sustained(run_embedding, repeats, sustain)
     head_time = _sustained(run_head, repeats, sustain)
@@ -164,11 +169,41 @@ def profile_shape(description: ModelDescription, *, micro_batch: int, seq_len: i
         embedding_blocks=embedding_time / block_time,
         head_blocks=head_time / block_time,
         optimizer_seconds_per_parameter=optimizer_time / max(count, 1),
+        cpu_share=share,
     )
 
 
 SENTINEL = -1.0
 """A hop's tensor filled with this ends a phase of `echo_transport` (echoed back, like every message)."""
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time so far, every thread's (torch's, gRPC's) included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PhaseCost:
+    """One end's CPU over one phase of the transport profile."""
+
+    messages: int
+    """Messages this end sent in the phase (as many as it received)."""
+    cpu_seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransportProfile:
+    """What `profile_transport` measured at its end."""
+
+    hop_seconds: float
+    """Wall time of one small message's hop (half a ping-pong)."""
+    byte_seconds: float
+    """Wall time per byte beyond that."""
+    large_bytes: int
+    """The large phase's message size."""
+    phases: dict[str, PhaseCost]
+    """This end's CPU per phase."""
 
 
 def _phases(large: int) -> dict[str, torch.Tensor]:
@@ -177,15 +212,14 @@ def _phases(large: int) -> dict[str, torch.Tensor]:
 
 
 def profile_transport(near: PeerChannel, far_rank: int, *, repeats: int = 20, sustain: float = SUSTAIN_SECONDS,
-                      large: int = 1 << 20, timeout: float = 60.0) -> tuple[float, float]:
-    """Seconds per message hop and per byte, by ping-pong with `echo_transport` at ``far_rank`` on this device.
+                      large: int = 1 << 20, timeout: float = 60.0) -> TransportProfile:
+    """Ping-pong with `echo_transport` at ``far_rank`` on this device: a hop's wall time, and this end's CPU.
 
     Run the echo in another process of this device (as the daemon's profiler does): a hop between two
     devices costs each of them one process's work on a real socket — a message's framing, TLS, gRPC,
     copies and the wake-ups of the threads that carry it. Two channels inside one process share those
     threads and wake-ups, and timed rings across the testbed's hosts at about twice what such a hop
-    predicted (`bench.collectives`). The hop's time is both ends' work on this device (plus loopback);
-    the planner splits it evenly between the two ends of a real hop.
+    predicted (`bench.collectives`). `hop_cpu_seconds` turns both ends' CPU into the device's cost.
     """
     counters = dict.fromkeys(_phases(large), 0)
 
@@ -196,30 +230,60 @@ def profile_transport(near: PeerChannel, far_rank: int, *, repeats: int = 20, su
         near.send(far_rank, there, tensor).wait(timeout)
         near.recv(far_rank, back, spec, timeout)
 
-    hops = {}
+    hops, phases = {}, {}
     for name, tensor in _phases(large).items():
         passes = repeats if name == "profile/small" else max(2, repeats // 4)
+        started = cpu_seconds()
         hops[name] = _sustained(functools.partial(ping_pong, name, tensor), passes, sustain) / 2
         ping_pong(name, torch.full_like(tensor, SENTINEL))
+        phases[name] = PhaseCost(messages=counters[name], cpu_seconds=cpu_seconds() - started)
+    size = _phases(large)["profile/large"].numel() * 4
     small_hop, big_hop = hops["profile/small"], hops["profile/large"]
-    return small_hop, max(big_hop - small_hop, 0.0) / (_phases(large)["profile/large"].numel() * 4)
+    return TransportProfile(hop_seconds=small_hop, byte_seconds=max(big_hop - small_hop, 0.0) / size,
+                            large_bytes=size, phases=phases)
 
 
-def echo_transport(far: PeerChannel, near_rank: int, *, large: int = 1 << 20, timeout: float = 60.0) -> int:
+def echo_transport(far: PeerChannel, near_rank: int, *, large: int = 1 << 20,
+                   timeout: float = 60.0) -> dict[str, PhaseCost]:
     """The other end of `profile_transport`: send every message straight back, until each phase's sentinel.
 
     Returns:
-        The messages echoed.
+        This end's messages and CPU per phase.
     """
-    echoed = 0
+    phases = {}
     for name, tensor in _phases(large).items():
         spec = TensorSpec(dtype=tensor.dtype, shape=tuple(tensor.shape))
+        started = cpu_seconds()
         step = 0
         while True:
             step += 1
             message = far.recv(near_rank, TensorKey(step=step, micro_batch=0, name=name), spec, timeout)
             far.send(near_rank, TensorKey(step=step, micro_batch=1, name=name), message).wait(timeout)
-            echoed += 1
             if message.numel() and float(message[0]) == SENTINEL:
                 break
-    return echoed
+        phases[name] = PhaseCost(messages=step, cpu_seconds=cpu_seconds() - started)
+    return phases
+
+
+def hop_cpu_seconds(profile: TransportProfile, echo: dict[str, PhaseCost], cpu_share: float) -> tuple[float, float]:
+    """Seconds per hop and per byte this device spends on messages, from both ends' CPU.
+
+    A hop's cost is its sender's and its receiver's CPU (each phase: 2 × messages hops, every one
+    sent by one end and received by the other), over ``cpu_share``, the CPU-seconds per second this
+    device gives a worker (`ShapeTimes.cpu_share`). Unlike a ping-pong's wall time, this does not count
+    the wait for a sleeping thread to be scheduled, which swung from run to run by 2× on the testbed's
+    shared cores while the rings it stands for took each member's CPU ÷ its share (`bench.collectives`).
+
+    Raises:
+        ValueError: the two ends disagree on a phase's messages, or a share that is not positive.
+    """
+    if cpu_share <= 0:
+        raise ValueError(f"a CPU share of {cpu_share} is no device's")
+    per_hop = {}
+    for name, near in profile.phases.items():
+        far = echo.get(name)
+        if far is None or far.messages != near.messages or near.messages < 1:
+            raise ValueError(f"the echo answered {far.messages if far else 0} of {near.messages} messages of {name}")
+        per_hop[name] = (near.cpu_seconds + far.cpu_seconds) / (2 * near.messages) / cpu_share
+    small, big = per_hop["profile/small"], per_hop["profile/large"]
+    return small, max(big - small, 0.0) / profile.large_bytes

@@ -199,9 +199,14 @@ class ShapeTimes:
     block_fixed_seconds: float = 0.0
     """Per micro-batch, the part of a block's time that a tensor-parallel split does not make smaller."""
     message_seconds: float = 0.0
-    """One message hop over the tensor transport, both ends' work on this device (0: not measured)."""
+    """One message hop over the tensor transport: both ends' CPU on this device over `cpu_share`, the wall
+    time that work takes here (0: not measured)."""
     byte_seconds: float = 0.0
     """The same hop's extra time per byte (0: not measured)."""
+    cpu_share: float = 0.0
+    """CPU-seconds per wall second the device gave the profiler while it timed the block: about 1 per
+    thread on a free core, the quota's share under a CPU quota, less when other work competes (0: not
+    measured)."""
 
 
 def to_json(value: Any) -> str:

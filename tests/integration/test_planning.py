@@ -94,6 +94,7 @@ def test_the_plan_uses_each_devices_own_times_for_the_models_shapes(household: H
     assert times["optimizer_seconds_per_parameter"] > 0
     assert times["message_seconds"] > 0  # a hop between two processes of the device over mutual-TLS channels
     assert times["byte_seconds"] > 0
+    assert times["cpu_share"] > 0
     others = [str(d.device_id) for d in household.daemons[:2]]
     assert {first["speed_source"][d] for d in others} <= {"estimated", "profiled"}
     assert not list((household.daemons[0].state_dir / "profiles").glob("*.json")), "profiling is off there"

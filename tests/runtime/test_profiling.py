@@ -11,7 +11,16 @@ import torch
 
 from cetd.runtime import profiling
 from cetd.runtime.driver import Driver
-from cetd.runtime.profiling import _one_block_model, _sustained, echo_transport, profile_shape, profile_transport
+from cetd.runtime.profiling import (
+    PhaseCost,
+    TransportProfile,
+    _one_block_model,
+    _sustained,
+    echo_transport,
+    hop_cpu_seconds,
+    profile_shape,
+    profile_transport,
+)
 from cetd.runtime.spec import JobSpec, ModelDescription
 
 
@@ -35,6 +44,7 @@ def test_every_piece_is_timed_at_the_jobs_shape(tmp_path: Path, model: str) -> N
         assert math.isfinite(value)
         assert value > 0
     assert times.block_seconds < 1.0  # one tiny block, per sample, on a CPU core
+    assert 0 < times.cpu_share <= 1.5  # one thread: at most about a core's worth per second
 
 
 @pytest.mark.timeout(120)
@@ -64,18 +74,37 @@ def test_a_hop_is_timed_against_the_echo_and_every_message_is_consumed() -> None
     from cetd.runtime.local_channel import make_local_channels
 
     near, far = make_local_channels(2)
-    echoed: list[int] = []
+    echoed: list[dict[str, PhaseCost]] = []
     echo = threading.Thread(target=lambda: echoed.append(echo_transport(far, 0, large=1 << 16)))
     echo.start()
-    message, per_byte = profile_transport(near, 1, repeats=3, sustain=0.02, large=1 << 16)
+    timed = profile_transport(near, 1, repeats=3, sustain=0.02, large=1 << 16)
     echo.join(timeout=30)
-    assert message > 0
-    assert per_byte >= 0
+    assert timed.hop_seconds > 0
+    assert timed.byte_seconds >= 0
+    assert timed.large_bytes == 1 << 16
     assert len(echoed) == 1
-    # Both phases: at least a pass per window, the warm-up, and the sentinel that ends the phase.
-    assert echoed[0] >= 2 * (profiling.WINDOWS + profiling.WARMUP + 1)
+    for phase, cost in timed.phases.items():
+        # Every ping the near end sent was echoed: the timed passes (at least one per window), the warm-up,
+        # and the sentinel that ends the phase.
+        assert echoed[0][phase].messages == cost.messages >= profiling.WINDOWS + profiling.WARMUP + 1
+        assert cost.cpu_seconds > 0
     assert near.undelivered() == []
     assert far.undelivered() == []
+
+
+def test_a_hops_cost_is_both_ends_cpu_over_the_devices_share() -> None:
+    near = TransportProfile(hop_seconds=9.0, byte_seconds=9.0, large_bytes=1000, phases={
+        "profile/small": PhaseCost(messages=100, cpu_seconds=0.030),
+        "profile/large": PhaseCost(messages=10, cpu_seconds=0.010)})
+    far = {"profile/small": PhaseCost(messages=100, cpu_seconds=0.030),
+           "profile/large": PhaseCost(messages=10, cpu_seconds=0.014)}
+    message, per_byte = hop_cpu_seconds(near, far, cpu_share=0.5)
+    assert message == pytest.approx(0.060 / 200 / 0.5)  # 0.6 ms: 0.3 ms of CPU at half a core
+    assert per_byte == pytest.approx((0.024 / 20 / 0.5 - message) / 1000)
+    with pytest.raises(ValueError, match="answered 9 of 10 messages of profile/large"):
+        hop_cpu_seconds(near, {**far, "profile/large": PhaseCost(messages=9, cpu_seconds=0.014)}, cpu_share=0.5)
+    with pytest.raises(ValueError, match="no device's"):
+        hop_cpu_seconds(near, far, cpu_share=0.0)
 
 
 class _Clock:
