@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from cetd.cluster.election import Claim, Election, ElectionConfig, Role
+from cetd.cluster.link_probes import LinkProbes
 from cetd.cluster.membership import FailureDetectorConfig, MembershipTable, PeerState
 from cetd.errors import CetdError, IdentityError, NotAuthorizedError, UnavailableError
 from cetd.identity import (
@@ -81,8 +82,8 @@ class HouseholdNode:
         self._pending_seen: dict[DeviceId, PeerInfo] = {}
         self._last_role: tuple[Role, Term, DeviceId | None] | None = None
         self._pulls: set[asyncio.Task[None]] = set()
-        self.links: dict[DeviceId, tuple[float, float]] = {}
-        """Peer → (bandwidth bytes/s, latency s) measured from this daemon."""
+        self.links = LinkProbes()
+        """Peer → (bandwidth bytes/s, latency s) measured from this daemon: the best of its recent probes."""
         self.busy: Callable[[], bool] = lambda: False
         """Whether a job process runs here: link probes then wait, so as not to disturb training."""
         self._probe_turn = 0
@@ -323,8 +324,10 @@ class HouseholdNode:
                 logger.debug("link probe to %s failed: %s", peer.device_id, error)
                 continue
             bandwidth = large / max(big - tiny, 1e-6)
-            self.links[peer.device_id] = (bandwidth, tiny / 2)
-            logger.debug("link to %s: %.1f MB/s, %.2f ms", peer.device_id, bandwidth / 1e6, tiny * 500)
+            self.links.add(peer.device_id, bandwidth, tiny / 2)
+            logger.debug("link to %s: %.1f MB/s, %.2f ms (best of recent probes: %.1f MB/s, %.2f ms)", peer.device_id,
+                         bandwidth / 1e6, tiny * 500, self.links[peer.device_id][0] / 1e6,
+                         self.links[peer.device_id][1] * 1e3)
 
     # -- roster distribution -------------------------------------------------------------------------
 
