@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import resource
 import subprocess
 import sys
 import threading
@@ -32,18 +31,13 @@ import torch
 
 from cetd.ids import JobId
 from cetd.runtime.collectives import all_reduce_
-from cetd.runtime.profiling import PhaseCost, echo_transport, hop_cpu_seconds, profile_transport
+from cetd.runtime.profiling import PhaseCost, cpu_seconds, echo_transport, hop_cpu_seconds, profile_transport
 from cetd.transport.channel import TensorKey
 from cetd.transport.tensor_channel import GrpcPeerChannel, TensorChannelConfig
 
 BURST = 20
 """Matrix multiplies (256 × 256) per compute burst: about 6 ms of one core."""
 TIMEOUT = timedelta(seconds=120)
-
-
-def cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def main(rank: int, ip: str, workdir: Path, numel: int, repeats: int) -> None:
@@ -70,14 +64,14 @@ def main(rank: int, ip: str, workdir: Path, numel: int, repeats: int) -> None:
                 all_reduce_(ch, buffer, ranks=[0, 1], key=TensorKey(step=i + 1, micro_batch=0, name="pair"),
                             timeout=TIMEOUT)
 
-        started, used = time.perf_counter(), cpu()
+        started, used = time.perf_counter(), cpu_seconds()
         other = threading.Thread(target=member, args=(far, buffers[1]))
         other.start()
         member(near, buffers[0])
         other.join()
         rounds = pairs * 2 * 2  # two rounds per all-reduce, two members' work on this device
         result["pair_round_seconds"] = (time.perf_counter() - started) / rounds
-        result["pair_round_cpu"] = (cpu() - used) / rounds
+        result["pair_round_cpu"] = (cpu_seconds() - used) / rounds
 
     x, w = torch.randn(256, 256), torch.randn(256, 256)
 
@@ -103,14 +97,14 @@ def main(rank: int, ip: str, workdir: Path, numel: int, repeats: int) -> None:
 
         def timed(name: str, body: list[str]) -> None:
             reduce(barrier)  # everyone starts together
-            started, used = time.perf_counter(), cpu()
+            started, used = time.perf_counter(), cpu_seconds()
             for _ in range(repeats):
                 if "compute" in body:
                     burst()
                 if "reduce" in body:
                     reduce(buffer)
             result[f"{name}_seconds"] = (time.perf_counter() - started) / repeats
-            result[f"{name}_cpu"] = (cpu() - used) / repeats
+            result[f"{name}_cpu"] = (cpu_seconds() - used) / repeats
 
         for _ in range(3):
             reduce(buffer)  # warm the streams
@@ -124,10 +118,10 @@ def main(rank: int, ip: str, workdir: Path, numel: int, repeats: int) -> None:
 def _cpu_share(seconds: float = 0.5) -> float:
     """CPU-seconds per wall second this process gets on a compute loop (as the profiler's block piece)."""
     x = torch.randn(256, 256)
-    started, used = time.perf_counter(), cpu()
+    started, used = time.perf_counter(), cpu_seconds()
     while time.perf_counter() - started < seconds:
         torch.mm(x, x)
-    return (cpu() - used) / (time.perf_counter() - started)
+    return (cpu_seconds() - used) / (time.perf_counter() - started)
 
 
 def _profile_against_echo(rank: int, workdir: Path, near: GrpcPeerChannel, tls_name: str) -> tuple[float, float]:

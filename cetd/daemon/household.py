@@ -325,9 +325,9 @@ class HouseholdNode:
                 continue
             bandwidth = large / max(big - tiny, 1e-6)
             self.links.add(peer.device_id, bandwidth, tiny / 2)
+            best_bandwidth, best_latency = self.links.get(peer.device_id, (0.0, 0.0))
             logger.debug("link to %s: %.1f MB/s, %.2f ms (best of recent probes: %.1f MB/s, %.2f ms)", peer.device_id,
-                         bandwidth / 1e6, tiny * 500, self.links[peer.device_id][0] / 1e6,
-                         self.links[peer.device_id][1] * 1e3)
+                         bandwidth / 1e6, tiny * 500, best_bandwidth / 1e6, best_latency * 1e3)
 
     # -- roster distribution -------------------------------------------------------------------------
 
