@@ -100,6 +100,11 @@ class JobManager:
     def live_devices(self) -> set[str]:
         return {o.device_id for o in self._offers()}
 
+    def _machines(self) -> dict[str, str]:
+        """Device ID → its `Capabilities.machine`, for every live device."""
+        infos = [self._node.self_info, *self._node.table.alive_info(time.monotonic()).values()]
+        return {str(info.device_id): info.capabilities.machine for info in infos}
+
     def spawn(self, coroutine: Any, name: str) -> asyncio.Task[Any]:
         return self._spawn(coroutine, name)
 
@@ -290,7 +295,8 @@ class JobManager:
             job_id=job_id, state=JobState.LAUNCHING, spec_json=spec_json, submitter_id=caller,
             steps_total=spec.steps, created_at=time.time())))
         unusable = set(exclude) | self._draining
-        shapes = await self.shapes.gather(self.live_devices(), description_json, spec, measure=not resume)
+        shapes = await self.shapes.gather(self.live_devices(), description_json, spec, measure=not resume,
+                                         machines=self._machines())
         for attempt in range(3):
             offers = [o for o in self._offers(description, spec.seq_len, shapes) if o.device_id not in unusable]
             planned_spec = spec
@@ -358,7 +364,8 @@ class JobManager:
         if coordinator != self.me:
             return await self._client(coordinator).plan(spec_json, description_json, remove, add_json)
         description = from_json(ModelDescription, description_json)
-        shapes = await self.shapes.gather(self.live_devices(), description_json, spec, measure=True)
+        shapes = await self.shapes.gather(self.live_devices(), description_json, spec, measure=True,
+                                         machines=self._machines())
         offers = [o for o in self._offers(description, spec.seq_len, shapes) if o.device_id not in self._draining]
         try:
             added = [DeviceOffer(**d) for d in json.loads(add_json or "[]")]

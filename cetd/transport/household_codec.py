@@ -27,14 +27,14 @@ _STATUS_FROM_WIRE = {v: k for k, v in _STATUS_TO_WIRE.items()}
 def capabilities_to_wire(caps: Capabilities) -> pb.Capabilities:
     return pb.Capabilities(
         cores=caps.cores, memory_bytes=caps.memory_bytes, accelerator=caps.accelerator, rank=caps.rank,
-        block_seconds=caps.block_seconds, power_profile=caps.power_profile,
+        block_seconds=caps.block_seconds, power_profile=caps.power_profile, machine=caps.machine,
     )
 
 
 def capabilities_from_wire(msg: pb.Capabilities) -> Capabilities:
     return Capabilities(
         cores=msg.cores, memory_bytes=msg.memory_bytes, accelerator=msg.accelerator, rank=msg.rank,
-        block_seconds=msg.block_seconds, power_profile=msg.power_profile,
+        block_seconds=msg.block_seconds, power_profile=msg.power_profile, machine=msg.machine,
     )
 
 

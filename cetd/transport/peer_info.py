@@ -26,6 +26,9 @@ class Capabilities:
     """Profiled seconds of a reference block's forward+backward per sample; 0 until measured."""
     power_profile: str = ""
     """Power profile name for the energy model."""
+    machine: str = ""
+    """An opaque digest of the kernel this device runs on (`cetd.daemon.capabilities.machine_digest`): equal
+    for daemons sharing one machine; "" when unknown."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -35,6 +35,7 @@ class Capabilities(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     BLOCK_SECONDS_FIELD_NUMBER: _builtins.int
     POWER_PROFILE_FIELD_NUMBER: _builtins.int
+    MACHINE_FIELD_NUMBER: _builtins.int
     cores: _builtins.int
     memory_bytes: _builtins.int
     accelerator: _builtins.str
@@ -47,6 +48,10 @@ class Capabilities(_message.Message):
     """
     power_profile: _builtins.str
     """Name of the power profile the energy model uses for this device (built-in or from the config)."""
+    machine: _builtins.str
+    """An opaque digest of the running kernel's boot ID: equal on daemons that share one machine (containers,
+    network namespaces), so the coordinator times their speed one at a time; "" when unknown.
+    """
     def __init__(
         self,
         *,
@@ -56,10 +61,11 @@ class Capabilities(_message.Message):
         rank: _builtins.float = ...,
         block_seconds: _builtins.float = ...,
         power_profile: _builtins.str = ...,
+        machine: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "block_seconds", b"block_seconds", "cores", b"cores", "memory_bytes", b"memory_bytes", "power_profile", b"power_profile", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "block_seconds", b"block_seconds", "cores", b"cores", "machine", b"machine", "memory_bytes", b"memory_bytes", "power_profile", b"power_profile", "rank", b"rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -110,3 +110,28 @@ def test_the_coordinator_answers_itself_and_asks_the_others(tmp_path: Path) -> N
     spec = JobSpec(model="gpt2-tiny", data="d.jsonl", global_batch=8, micro_batches=4, seq_len=16)
     assert asyncio.run(profiles.gather(["me", "a", "b"], QUERY.description_json, spec, measure=True)) == {}
     assert sorted(asked) == ["a", "b"]
+
+
+def test_devices_on_one_machine_are_asked_one_at_a_time_and_machines_in_parallel() -> None:
+    good = ShapeTimes(block_seconds=1e-3, embedding_blocks=0.1, head_blocks=2.0, optimizer_seconds_per_parameter=1e-9)
+    machines = {"a1": "A", "a2": "A", "a3": "A", "b1": "B", "b2": "B", "lone": "", "unknown": ""}
+    running: dict[str, int] = {}
+    most: dict[str, int] = {}
+    overall: list[int] = []
+
+    async def ask(device_id: str, query: ProfileQuery) -> ProfileAnswer:
+        machine = machines[device_id] or device_id
+        running[machine] = running.get(machine, 0) + 1
+        most[machine] = max(most.get(machine, 0), running[machine])
+        overall.append(sum(running.values()))
+        await asyncio.sleep(0.05)
+        running[machine] -= 1
+        if device_id == "a2":
+            raise UnavailableError("device a2 is not reachable")  # the next device of its machine is still asked
+        return ProfileAnswer(times_json=json.dumps(asdict(good)))
+
+    found = asyncio.run(gather_shape_times(list(machines), QUERY, ask, machines=machines))
+    assert set(found) == set(machines) - {"a2"}
+    assert most == {"A": 1, "B": 1, "lone": 1, "unknown": 1}
+    # A, B and the two devices of no known machine each had one measurement running at once.
+    assert max(overall) == 4

@@ -44,6 +44,9 @@ def test_four_daemons_discover_each_other_and_elect_the_best_ranked(tmp_path: Pa
         peers = household.daemons[0].peers()["peers"]
         assert {p["role"] for p in peers if p["state"] == "alive"} == {"coordinator", "follower"}
         assert all(p["capabilities"]["cores"] >= 1 for p in peers)
+        # All four run on this machine's kernel, and each heard the others say so over the heartbeats.
+        assert len({p["capabilities"]["machine"] for p in peers}) == 1
+        assert peers[0]["capabilities"]["machine"]
         # Addresses were learned from mDNS only: no static peers were configured.
         assert all(p["address"].startswith("127.0.0.1:") for p in peers)
 
