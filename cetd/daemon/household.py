@@ -86,6 +86,8 @@ class HouseholdNode:
         """Peer → (bandwidth bytes/s, latency s) measured from this daemon: the best of its recent probes."""
         self.busy: Callable[[], bool] = lambda: False
         """Whether a job process runs here: link probes then wait, so as not to disturb training."""
+        self.measuring: Callable[[], bool] = lambda: False
+        """Whether this device times itself now (a shape or the reference block): probes wait too."""
         self._probe_turn = 0
 
     # -- set-up --------------------------------------------------------------------------------------
@@ -124,6 +126,13 @@ class HouseholdNode:
             self._pending_seen[info.device_id] = info
 
     # -- HouseholdHandler ----------------------------------------------------------------------------
+
+    def probe_refusal(self) -> str:
+        if self.busy():
+            return "a job runs on this device"
+        if self.measuring():
+            return "this device is timing its own speed"
+        return ""
 
     def authorize(self, device_id: DeviceId) -> None:
         self.roster.authorize(device_id)
@@ -306,12 +315,16 @@ class HouseholdNode:
         """Measure the link to one peer at a time over the real mutual-TLS transport.
 
         Latency is half the best round trip of ten tiny probes; bandwidth is the extra time a 1 MiB probe
-        takes. Nothing is measured while a job process runs on this device.
+        takes. Nothing is measured while a job process runs on either device or either times its own
+        speed (the peer refuses the probe): a daemon held to a share of a core next to a busy worker or
+        profiler answers late, and the probe would time that instead of the link. On the study's testbed
+        the coordinator runs nearly every job's driver, so probes taken in its few idle moments, beside a
+        profiling peer, stayed the link's estimate for the whole run.
         """
         while True:
             await asyncio.sleep(every.total_seconds())
             alive = sorted(self.table.alive_info(time.monotonic()).values(), key=lambda p: p.device_id)
-            if not alive or self.busy():
+            if not alive or self.probe_refusal():
                 continue
             peer = alive[self._probe_turn % len(alive)]
             self._probe_turn += 1

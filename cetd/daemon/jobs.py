@@ -84,6 +84,7 @@ class JobManager:
         self.shapes = ShapeProfiles(state.path, self.worker_threads, enabled=profile, me=self.me,
                                     remote=lambda device_id: self._client(device_id).profile,
                                     busy=lambda: bool(self._workers))  # a job trains here
+        node.measuring = self.shapes.lock.locked
 
     @property
     def me(self) -> DeviceId:

@@ -51,6 +51,8 @@ class HouseholdHandler(MemberAuthorizer, Protocol):
     """What the daemon does with household calls from authenticated members."""
 
     async def on_heartbeat(self, heartbeat: Heartbeat) -> Heartbeat: ...
+    def probe_refusal(self) -> str:
+        """Why this device would answer a link probe late now (it trains or times itself), or ""."""
     def signed_roster(self) -> SignedRoster: ...
     async def on_roster(self, roster: SignedRoster) -> int: ...
     async def on_command(self, command: CommandEnvelope) -> Term: ...
@@ -100,6 +102,10 @@ class _HouseholdServicer(pb_grpc.HouseholdServicer):
     async def Probe(self, request: pb.ProbeRequest, context: Context) -> pb.ProbeReply:
         if request.reply_bytes > MAX_PROBE_BYTES:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"probe replies are at most {MAX_PROBE_BYTES} bytes")
+        refusal = self._handler.probe_refusal()
+        if refusal:
+            # Answered late, the probe would time this device's load and be taken for the link's speed.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"not probed now: {refusal}")
         return pb.ProbeReply(payload=bytes(request.reply_bytes))
 
     async def GetRoster(self, request: pb.GetRosterRequest, context: Context) -> pb.Roster:
