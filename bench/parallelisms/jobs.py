@@ -91,6 +91,9 @@ class JobOutcome:
     """Submission to the final line."""
     memory_peak_bytes: list[int] = field(default_factory=list)
     """Per host cgroup, the peak so far in this device set (cumulative, not reset per job)."""
+    links: dict[int, list[float]] = field(default_factory=dict)
+    """Host → [MB/s, ms]: the submitting device's link estimates just before the job (what its plan used,
+    as the submitter coordinates), from `cetctl peers`."""
 
     @property
     def prediction_error(self) -> float | None:
@@ -112,6 +115,7 @@ def run_job(testbed: Testbed, *, model: str, folder: Path, data: Path, paralleli
             settings: JobSettings) -> JobOutcome:
     """Train one job on the testbed from device 0 and summarise it."""
     devices = "1" if parallelism == "single" else str(len(testbed.household.daemons))
+    links = _links(testbed)
     oom_before = testbed.oom_kills()
     started = time.monotonic()
     readings: list[Reading] = []
@@ -124,7 +128,8 @@ def run_job(testbed: Testbed, *, model: str, folder: Path, data: Path, paralleli
     )
     reader = threading.Thread(target=_reader, args=(process.stdout, lines, testbed, readings), daemon=True)
     reader.start()
-    outcome = JobOutcome(model=model, parallelism=parallelism, device_set=testbed.device_set.name, status="failed")
+    outcome = JobOutcome(model=model, parallelism=parallelism, device_set=testbed.device_set.name, status="failed",
+                         links=links)
     try:
         process.wait(timeout=settings.timeout.total_seconds())
     except subprocess.TimeoutExpired:
@@ -150,6 +155,20 @@ def run_job(testbed: Testbed, *, model: str, folder: Path, data: Path, paralleli
     else:
         outcome.reason = stderr or f"cetctl exited with {process.returncode}"
     return outcome
+
+
+def _links(testbed: Testbed) -> dict[int, list[float]]:
+    """The submitter's measured links (host → [MB/s, ms]); empty when `cetctl peers` fails."""
+    process = testbed.cetctl(SUBMITTER, "peers")
+    try:
+        text, _ = process.communicate(timeout=60)
+        peers = json.loads(text)["peers"]
+    except (subprocess.TimeoutExpired, ValueError, KeyError):
+        process.kill()
+        return {}
+    return {testbed.host_of_device[p["device_id"]]: [round(p["link"]["bandwidth_bytes_per_second"] / 1e6, 1),
+                                                     round(p["link"]["latency_seconds"] * 1e3, 3)]
+            for p in peers if p["device_id"] in testbed.host_of_device and p["link"]["bandwidth_bytes_per_second"]}
 
 
 def _cancel_running(testbed: Testbed, events: list[dict[str, Any]]) -> None:
