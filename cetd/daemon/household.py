@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 
 from cetd.cluster.election import Claim, Election, ElectionConfig, Role
@@ -311,36 +311,50 @@ class HouseholdNode:
         if heartbeat.roster_version > self.roster.version:
             self._spawn_pull(sender)
 
-    async def _measure_links(self, every: timedelta = timedelta(seconds=5), large: int = 1024 * 1024) -> None:
-        """Measure the link to one peer at a time over the real mutual-TLS transport.
-
-        Latency is half the best round trip of ten tiny probes; bandwidth is the extra time a 1 MiB probe
-        takes. Nothing is measured while a job process runs on either device or either times its own
-        speed (the peer refuses the probe): a daemon held to a share of a core next to a busy worker or
-        profiler answers late, and the probe would time that instead of the link. On the study's testbed
-        the coordinator runs nearly every job's driver, so probes taken in its few idle moments, beside a
-        profiling peer, stayed the link's estimate for the whole run.
+    async def _measure_links(self, every: timedelta = timedelta(seconds=5)) -> None:
+        """Measure the link to one peer at a time over the real mutual-TLS transport (`probe_link`): peers
+        never measured first, then round robin. Nothing is measured while a job process runs on either
+        device or either times its own speed (the peer refuses the probe): a daemon held to a share of a
+        core next to a busy worker or profiler answers late, and the probe would time that instead of the
+        link. On the study's testbed the coordinator runs nearly every job's driver, so probes taken in its
+        few idle moments, beside a profiling peer, stayed the link's estimate for the whole run.
         """
         while True:
             await asyncio.sleep(every.total_seconds())
             alive = sorted(self.table.alive_info(time.monotonic()).values(), key=lambda p: p.device_id)
             if not alive or self.probe_refusal():
                 continue
-            peer = alive[self._probe_turn % len(alive)]
+            candidates = [p for p in alive if p.device_id not in self.links] or alive
+            peer = candidates[self._probe_turn % len(candidates)]
             self._probe_turn += 1
-            client = self._client(peer)
-            try:
-                # The fewest-stalled of ten: a peer held to a share of a core (or busy) answers some probes late.
-                tiny = min([await client.probe(1, 1) for _ in range(10)])
-                big = min([await client.probe(large, 1) for _ in range(2)])
-            except CetdError as error:
-                logger.debug("link probe to %s failed: %s", peer.device_id, error)
-                continue
-            bandwidth = large / max(big - tiny, 1e-6)
-            self.links.add(peer.device_id, bandwidth, tiny / 2)
-            best_bandwidth, best_latency = self.links.get(peer.device_id, (0.0, 0.0))
-            logger.debug("link to %s: %.1f MB/s, %.2f ms (best of recent probes: %.1f MB/s, %.2f ms)", peer.device_id,
-                         bandwidth / 1e6, tiny * 500, best_bandwidth / 1e6, best_latency * 1e3)
+            await self.probe_link(peer)
+
+    async def measure_missing_links(self, device_ids: Iterable[str]) -> None:
+        """Before a plan: probe each live peer among ``device_ids`` whose link was never measured, rather than
+        plan on a guess (in a household that keeps training, the background probes may not have found a
+        moment when both ends were idle)."""
+        wanted = set(device_ids)
+        for peer in sorted(self.table.alive_info(time.monotonic()).values(), key=lambda p: p.device_id):
+            if peer.device_id in wanted and peer.device_id not in self.links:
+                await self.probe_link(peer)
+
+    async def probe_link(self, peer: PeerInfo, large: int = 1024 * 1024) -> bool:
+        """Probe ``peer`` once and keep the result: latency is half the best round trip of ten tiny probes,
+        bandwidth the extra time a 1 MiB probe takes. False when it failed or the peer refused."""
+        client = self._client(peer)
+        try:
+            # The fewest-stalled of ten: a peer held to a share of a core answers some probes late.
+            tiny = min([await client.probe(1, 1) for _ in range(10)])
+            big = min([await client.probe(large, 1) for _ in range(2)])
+        except CetdError as error:
+            logger.debug("link probe to %s failed: %s", peer.device_id, error)
+            return False
+        bandwidth = large / max(big - tiny, 1e-6)
+        self.links.add(peer.device_id, bandwidth, tiny / 2)
+        best_bandwidth, best_latency = self.links.get(peer.device_id, (0.0, 0.0))
+        logger.debug("link to %s: %.1f MB/s, %.2f ms (best of recent probes: %.1f MB/s, %.2f ms)", peer.device_id,
+                     bandwidth / 1e6, tiny * 500, best_bandwidth / 1e6, best_latency * 1e3)
+        return True
 
     # -- roster distribution -------------------------------------------------------------------------
 

@@ -298,6 +298,8 @@ class JobManager:
         unusable = set(exclude) | self._draining
         shapes = await self.shapes.gather(self.live_devices(), description_json, spec, measure=not resume,
                                          machines=self._machines())
+        if not resume:  # a re-plan after a failure does not wait on measurements (the default link stands in)
+            await self._node.measure_missing_links(self.live_devices())
         for attempt in range(3):
             offers = [o for o in self._offers(description, spec.seq_len, shapes) if o.device_id not in unusable]
             planned_spec = spec
@@ -367,6 +369,7 @@ class JobManager:
         description = from_json(ModelDescription, description_json)
         shapes = await self.shapes.gather(self.live_devices(), description_json, spec, measure=True,
                                          machines=self._machines())
+        await self._node.measure_missing_links(self.live_devices())
         offers = [o for o in self._offers(description, spec.seq_len, shapes) if o.device_id not in self._draining]
         try:
             added = [DeviceOffer(**d) for d in json.loads(add_json or "[]")]

@@ -57,7 +57,16 @@ def test_profile_and_links_are_measured_and_shown(household: Household) -> None:
 def test_what_if_plans_without_running(household: Household, data: Path) -> None:
     base = ["plan", "--model", "gpt2-tiny", "--data", str(data), "--batch", "8", "--micro-batches", "4",
             "--seq-len", "16", "--parallelism", "pipeline", "--devices", "3"]
+    # Once device 2 no longer times its reference block (it refuses link probes meanwhile), a plan measures
+    # every link the background probes have not reached yet.
+    profiled = household.daemons[2].device_id
+    wait_until(lambda: peer(household.daemons[0].peers(), profiled)["capabilities"]["block_seconds"] > 0, 120,
+               interval=1, what="device 2's reference profile")
     answer = json.loads(household.daemons[0].cetctl(*base).stdout)
+    _, coordinator = household.agreed_coordinator()
+    view = next(d for d in household.daemons if d.device_id == coordinator).peers()
+    assert all(p["link"]["bandwidth_bytes_per_second"] > 0 for p in view["peers"]
+               if p["state"] == "alive" and p["device_id"] != coordinator)
     plan, prediction = answer["plan"], answer["prediction"]
     assert len(plan["workers"]) == 3
     assert prediction["seconds_per_sample"] > 0
