@@ -316,8 +316,8 @@ class HouseholdNode:
         never measured first, then round robin. Nothing is measured while a job process runs on either
         device or either times its own speed (the peer refuses the probe): a daemon held to a share of a
         core next to a busy worker or profiler answers late, and the probe would time that instead of the
-        link. On the study's testbed the coordinator runs nearly every job's driver, so probes taken in its
-        few idle moments, beside a profiling peer, stayed the link's estimate for the whole run.
+        link. On the study's testbed the coordinator drives nearly every job, so the loop sees few idle
+        moments: in one run it never measured the slowest device's link (hence `measure_missing_links`).
         """
         while True:
             await asyncio.sleep(every.total_seconds())

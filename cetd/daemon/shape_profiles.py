@@ -10,9 +10,11 @@ slow that job. Devices are asked in parallel, except those that share one machin
 after another, since each would otherwise time the others' measurements. On the bench's testbed (four
 such devices at 0.45 of a core on two cores, GPT-2 small's shapes) a block timed on all four at once took
 1.39–1.43 ms per sample, timed one device at a time 1.06–1.18 ms on three of them; the plan built on the
-first over-predicted a one-device job by 23%, the plan built on the second came within 1%. A device that cannot answer in time is planned with its reference block scaled by
-FLOPs (`cetd.daemon.planning_inputs.scale_block_seconds`), as before. Re-plans after a failure ask
-the cache only, so recovery never waits on profiling.
+first over-predicted a one-device job by 23%, the plan built on the second came within 1%.
+
+A device that cannot answer in time is planned with its reference block scaled by FLOPs
+(`cetd.daemon.planning_inputs.scale_block_seconds`), as before. Re-plans after a failure ask the
+cache only, so recovery never waits on profiling.
 
 The key covers everything the times depend on: the model's config, the shape, the precision and the
 thread count a worker of this device uses.
