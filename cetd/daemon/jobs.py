@@ -23,14 +23,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from cetd.cluster.energy_meters import detect_meters, read_meters
 from cetd.cluster.membership import PeerState
 from cetd.cluster.planner import DeviceOffer, plan_job, what_if
 from cetd.cluster.power import EnergyModel
 from cetd.errors import CetdError, JobError, NotAuthorizedError, UnavailableError
 from cetd.identity import StateDir
 from cetd.ids import DeviceId
-from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, ShapeTimes, WorkerAssignment, from_json, to_json
+from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, WorkerAssignment, from_json, to_json
 from cetd.transport.job_types import (
     JobEvent,
     JobState,
@@ -49,13 +48,13 @@ from .household import HouseholdNode
 from .job_process import JobProcess
 from .job_store import JobStore, StoredJob
 from .job_supervisor import JobRecord, JobSupervisor
+from .local_workers import LocalWorkers
 from .planning_inputs import energy_model, member_offers, peer_map, planning_inputs
 from .shape_profiles import ShapeProfiles
 
 logger = logging.getLogger(__name__)
 
 DESCRIBE_TIMEOUT = timedelta(minutes=10)
-WORKER_START_TIMEOUT = timedelta(minutes=5)
 
 
 class JobManager:
@@ -70,20 +69,15 @@ class JobManager:
         self._checkpoint_dir = checkpoint_dir
         self.store = JobStore(state)
         self._draining: set[str] = set()
-        self.meters = detect_meters(Path("/"))
-        self.meter_start: dict[str, float] = {}
-        node.busy = lambda: bool(self._workers) or any(r.driver is not None and r.driver.running
-                                                       for r in self._jobs.values())
         self._jobs: dict[str, JobRecord] = {}
-        self._workers: dict[str, JobProcess] = {}
-        self._worker_owner: dict[str, set[str]] = {}  # job → device IDs allowed to connect its worker
-        self._worker_submitter: dict[str, str] = {}
-        self._worker_follow: dict[str, asyncio.Task[Any]] = {}
-        self._worker_failure: dict[str, tuple[str, bool]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.workers = LocalWorkers(self._launch_fields, self._log_path, self._tell_submitter_worker_failed,
+                                    self._spawn)
+        node.busy = lambda: bool(self.workers) or any(r.driver is not None and r.driver.running
+                                                      for r in self._jobs.values())
         self.shapes = ShapeProfiles(state.path, self.worker_threads, enabled=profile, me=self.me,
                                     remote=lambda device_id: self._client(device_id).profile,
-                                    busy=lambda: bool(self._workers))  # a job trains here
+                                    busy=lambda: bool(self.workers))  # a job trains here
         node.measuring = self.shapes.lock.locked
 
     @property
@@ -99,7 +93,7 @@ class JobManager:
         return self._node.table.state(DeviceId(device_id), time.monotonic())
 
     def live_devices(self) -> set[str]:
-        return {o.device_id for o in self._offers()}
+        return {o.device_id for o in member_offers(self._node)}
 
     def _machines(self) -> dict[str, str]:
         """Device ID → its `Capabilities.machine`, for every live device."""
@@ -133,8 +127,13 @@ class JobManager:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _log_path(self, job_id: str, role: str) -> Any:
+    def _log_path(self, job_id: str, role: str) -> Path:
         return self._state.path / "jobs" / job_id / f"{role}.log"
+
+    def _launch_fields(self) -> dict[str, Any]:
+        """What every job process of this daemon (driver or worker) is started with."""
+        return {"state_dir": str(self._state.path), "host": self._host, "threads": self._threads,
+                "checkpoint_dir": str(self._checkpoint_dir), "device_id": self.me}
 
     # -- submission (submitting daemon) ---------------------------------------------------------------
 
@@ -159,9 +158,8 @@ class JobManager:
 
     async def _start_driver(self, name: str, job_id: str, spec_json: str, log_path: Path) -> JobProcess:
         driver = JobProcess(name=name, log_path=log_path)
-        await driver.start({"role": "driver", "job_id": job_id, "spec": json.loads(spec_json),
-                            "state_dir": str(self._state.path), "host": self._host, "threads": self._threads,
-                            "checkpoint_dir": str(self._checkpoint_dir), "device_id": self.me})
+        await driver.start({**self._launch_fields(), "role": "driver", "job_id": job_id,
+                            "spec": json.loads(spec_json)})
         return driver
 
     async def _describe(self, record: JobRecord, stored: StoredJob) -> str:
@@ -296,12 +294,10 @@ class JobManager:
             job_id=job_id, state=JobState.LAUNCHING, spec_json=spec_json, submitter_id=caller,
             steps_total=spec.steps, created_at=time.time())))
         unusable = set(exclude) | self._draining
-        shapes = await self.shapes.gather(self.live_devices(), description_json, spec, measure=not resume,
-                                         machines=self._machines())
-        if not resume:  # a re-plan after a failure does not wait on measurements (the default link stands in)
-            await self._node.measure_missing_links(self.live_devices())
+        # A re-plan after a failure does not wait on measurements (cached shapes and the default link stand in).
+        planning = await self._planning_offers(spec, description, description_json, measure=not resume)
         for attempt in range(3):
-            offers = [o for o in self._offers(description, spec.seq_len, shapes) if o.device_id not in unusable]
+            offers = [o for o in planning if o.device_id not in unusable]
             planned_spec = spec
             if resume and spec.devices > len(offers) >= 1:
                 # After a failure the job goes on with what is left rather than waiting for the lost device.
@@ -349,9 +345,15 @@ class JobManager:
                 raise result
         return endpoints, failed
 
-    def _offers(self, description: ModelDescription | None = None, seq_len: int = 32,
-                shapes: dict[str, ShapeTimes] | None = None) -> list[DeviceOffer]:
-        return member_offers(self._node, description, seq_len, shapes)
+    async def _planning_offers(self, spec: JobSpec, description: ModelDescription, description_json: str, *,
+                               measure: bool) -> list[DeviceOffer]:
+        """Every live device's offer for this job, with its times for the job's own shapes; with ``measure``,
+        devices time shapes they have not timed, and links never measured are probed first."""
+        live = self.live_devices()
+        shapes = await self.shapes.gather(live, description_json, spec, measure=measure, machines=self._machines())
+        if measure:
+            await self._node.measure_missing_links(live)
+        return member_offers(self._node, description, spec.seq_len, shapes)
 
     async def profile(self, query: ProfileQuery, caller: DeviceId) -> ProfileAnswer:
         """The Profile RPC: this device's times for the job's shapes (`shape_profiles`)."""
@@ -367,10 +369,8 @@ class JobManager:
         if coordinator != self.me:
             return await self._client(coordinator).plan(spec_json, description_json, remove, add_json)
         description = from_json(ModelDescription, description_json)
-        shapes = await self.shapes.gather(self.live_devices(), description_json, spec, measure=True,
-                                         machines=self._machines())
-        await self._node.measure_missing_links(self.live_devices())
-        offers = [o for o in self._offers(description, spec.seq_len, shapes) if o.device_id not in self._draining]
+        offers = [o for o in await self._planning_offers(spec, description, description_json, measure=True)
+                  if o.device_id not in self._draining]
         try:
             added = [DeviceOffer(**d) for d in json.loads(add_json or "[]")]
         except (TypeError, ValueError) as error:
@@ -405,49 +405,9 @@ class JobManager:
         if caller != launch.coordinator_id:
             raise NotAuthorizedError(f"worker order signed by {launch.coordinator_id} but sent by {caller}")
         self._node.election.validate_command(launch.term, DeviceId(launch.coordinator_id))
-        key = launch.job_id
-        if key in self._workers:
-            await self._workers.pop(key).stop()
-        process = JobProcess(name=f"worker rank {launch.rank}", log_path=self._log_path(key, f"worker-{launch.rank}"))
-        self._workers[key] = process
-        self._worker_owner[key] = {launch.coordinator_id, launch.submitter_id}
-        self._worker_submitter[key] = launch.submitter_id
-        await process.start({
-            "role": "worker", "job_id": launch.job_id, "rank": launch.rank, "spec": json.loads(launch.spec_json),
-            "plan": json.loads(launch.plan_json), "description": json.loads(launch.description_json),
-            "state_dir": str(self._state.path), "host": self._host, "threads": self._threads,
-            "checkpoint_dir": str(self._checkpoint_dir), "device_id": self.me,
-        })
-        try:
-            ready = await process.expect("ready", WORKER_START_TIMEOUT)
-        except CetdError:
-            await process.stop()
-            self._workers.pop(key, None)
-            raise
-        if self.meters:
-            self.meter_start[key] = sum(r.joules for r in read_meters(self.meters))
-        logger.info("worker rank %d of job %s listening on %s", launch.rank, launch.job_id, ready["address"])
-        self._worker_failure.pop(key, None)
-        self._worker_follow[key] = self._spawn(self._follow_worker(key, process), f"worker-{key}")
-        return str(ready["address"])
+        return await self.workers.start(launch)
 
-    async def _follow_worker(self, job_id: str, process: JobProcess) -> None:
-        while True:
-            event = await process.next_event()
-            process.note_cpu_seconds(float(event.get("cpu_seconds", 0.0)))
-            if event.get("event") == "failed":
-                reason, fatal = str(event.get("reason")), bool(event.get("fatal"))
-                logger.error("worker of job %s failed: %s", job_id, reason)
-                self._worker_failure[job_id] = (reason, fatal)
-                if self._workers.get(job_id) is process:  # not stopped on purpose: tell the submitter now
-                    await self._tell_submitter_worker_failed(job_id, reason, fatal)
-                return
-            if event.get("event") == "done":
-                logger.info("worker of job %s finished", job_id)
-                return
-
-    async def _tell_submitter_worker_failed(self, job_id: str, reason: str, fatal: bool) -> None:
-        submitter = self._worker_submitter.get(job_id, "")
+    async def _tell_submitter_worker_failed(self, job_id: str, submitter: str, reason: str, fatal: bool) -> None:
         try:
             if submitter == self.me:
                 await self.worker_failed(job_id, self.me, reason, fatal, self.me)
@@ -467,32 +427,11 @@ class JobManager:
 
     async def connect_worker(self, term: int, coordinator_id: str, job_id: str,
                              endpoints: tuple[WorkerEndpoint, ...], caller: DeviceId) -> None:
-        process = self._workers.get(job_id)
-        if process is None:
-            raise JobError(f"no worker of job {job_id} runs on this device")
-        if caller not in self._worker_owner.get(job_id, set()):
-            raise NotAuthorizedError(f"device {caller} may not direct job {job_id}")
         self._node.election.validate_command(term, DeviceId(coordinator_id))
-        await process.send({"peers": peer_map(endpoints)})
+        await self.workers.connect(job_id, caller, peer_map(endpoints))
 
     async def stop_worker(self, job_id: str, caller: DeviceId) -> WorkerUsage:
-        process = self._workers.pop(job_id, None)
-        if process is None:
-            return WorkerUsage()
-        follow = self._worker_follow.pop(job_id, None)
-        if follow is not None and not process.running:
-            # It ended by itself: let its last words (a failure reason) be read first.
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(follow), 2.0)
-        await process.stop()
-        failure, fatal = self._worker_failure.pop(job_id, ("", False))
-        joules, source = 0.0, ""
-        started = self.meter_start.pop(job_id, None)
-        if started is not None and self.meters:
-            readings = read_meters(self.meters)
-            joules, source = sum(r.joules for r in readings) - started, readings[0].source
-        return WorkerUsage(cpu_seconds=process.cpu_seconds(), wall_seconds=process.wall_seconds(), joules=joules,
-                           energy_source=source, failure=failure, fatal=fatal)
+        return await self.workers.stop(job_id)
 
     # -- leaving devices -----------------------------------------------------------------------------
 
@@ -530,18 +469,13 @@ class JobManager:
 
     async def leave_before_shutdown(self, timeout: timedelta = timedelta(seconds=100)) -> None:
         """systemd stop: ask the submitters to move our workers' jobs elsewhere, wait until they did."""
-        for job_id in list(self._workers):
-            submitter = self._worker_submitter.get(job_id, "")
+        for job_id, submitter in self.workers.jobs().items():
             with contextlib.suppress(CetdError):
                 if submitter == self.me:
                     await self.leave(job_id, self.me, self.me)
                 elif submitter:
                     await self._client(submitter).leave(job_id, self.me)
-        waits = [asyncio.ensure_future(p.wait()) for p in self._workers.values()]
-        if waits:
-            _, still_running = await asyncio.wait(waits, timeout=timeout.total_seconds())
-            for task in still_running:
-                task.cancel()
+        await self.workers.wait_all(timeout.total_seconds())
 
     # -- queries --------------------------------------------------------------------------------------
 
@@ -606,6 +540,4 @@ class JobManager:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, *(r.task for r in self._jobs.values() if r.task), return_exceptions=True)
-        for process in list(self._workers.values()):
-            await process.stop()
-        self._workers.clear()
+        await self.workers.close()
