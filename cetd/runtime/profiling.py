@@ -22,6 +22,13 @@ device held to a share of a core (a CPU quota, thermal or power limits) runs a m
 full speed and is throttled only over longer spans. One mean over the whole span would not do either:
 a burst of other work on the device (another process starting, a neighbour's measurement on a shared
 machine) lands in one or two windows and would skew the mean; the median leaves it out.
+
+The pieces' windows are taken in rounds (one window of each piece per round), and what is a ratio of
+two pieces — the embedding's and the head's cost in blocks, the block's unsplittable part — is the
+median of each round's ratio. A device's speed also shifts for seconds at a time: at a fifth of a core
+on this project's 2-core VM, one block's pass took 42 ms for a whole 5-second profile and 30 ms in the
+next two, and timing the whole block first and its slice after it had put that block's unsplittable
+part at 16 ms in one profile and 10 ms in the next. Pieces timed side by side see the same speed.
 """
 
 from __future__ import annotations
@@ -30,13 +37,13 @@ import functools
 import resource
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from cetd.runtime.models import ModelAdapter, adapter_for, disable_dropout
+from cetd.runtime.models import adapter_for, disable_dropout
 from cetd.runtime.reference import AdamWSettings, build_adamw
 from cetd.runtime.spec import ModelDescription, ShapeTimes
 from cetd.runtime.tensor_parallel import make_tensor_parallel_model
@@ -80,42 +87,48 @@ def _batch(description: ModelDescription, micro_batch: int, seq_len: int) -> dic
     return batch
 
 
+def _rounds(runs: Mapping[str, Callable[[], None]], repeats: int, sustain: float,
+            windows: int = WINDOWS) -> dict[str, list[float]]:
+    """Seconds per pass of each of ``runs``, window by window, after warm-up: round after round, one window
+    of ``sustain / windows`` seconds of each run, until there were ``windows`` rounds and every run made
+    ``repeats`` passes. Returns each run's per-window times, in round order (the same length for all)."""
+    for run in runs.values():
+        for _ in range(WARMUP):
+            run()
+    window = sustain / max(windows, 1)
+    per_pass: dict[str, list[float]] = {name: [] for name in runs}
+    passes = dict.fromkeys(runs, 0)
+    done = 0
+    while done < windows or min(passes.values(), default=repeats) < repeats:
+        for name, run in runs.items():
+            count = 0
+            started = time.perf_counter()
+            while True:
+                run()
+                count += 1
+                elapsed = time.perf_counter() - started
+                if elapsed >= window:
+                    break
+            per_pass[name].append(elapsed / count)
+            passes[name] += count
+        done += 1
+    return per_pass
+
+
 def _sustained(run: Callable[[], None], repeats: int, sustain: float, windows: int = WINDOWS) -> float:
     """Seconds per pass of ``run``: the median over ``windows`` windows of at least ``sustain / windows``
     seconds each (and ``repeats`` passes in all), after warm-up."""
-    for _ in range(WARMUP):
-        run()
-    window = sustain / max(windows, 1)
-    per_pass: list[float] = []
-    passes = 0
-    while len(per_pass) < windows or passes < repeats:
-        count = 0
-        started = time.perf_counter()
-        while True:
-            run()
-            count += 1
-            elapsed = time.perf_counter() - started
-            if elapsed >= window:
-                break
-        per_pass.append(elapsed / count)
-        passes += count
-    return statistics.median(per_pass)
+    return statistics.median(_rounds({"run": run}, repeats, sustain, windows)["run"])
 
 
-def _unsplittable_block_seconds(model: torch.nn.Module, adapter: ModelAdapter, hidden: torch.Tensor,
-                                fields: Mapping[str, torch.Tensor], whole: float, repeats: int, sustain: float) -> float:
-    """Per micro-batch, the part of the block's time that does not shrink with its tensor-parallel share:
-    the block is timed as one slice of ``ways`` (no all-reduce: only the local work counts here)."""
-    ways = min(4, adapter.num_heads())
-    if ways < 2:
-        return whole
-    shard = make_tensor_parallel_model(model, adapter, 0, ways, lambda tensor: tensor).stage
+def _median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
+    """The median of the rounds' ratios (each round's two times were taken seconds apart)."""
+    return statistics.median(n / max(d, 1e-12) for n, d in zip(numerators, denominators, strict=True))
 
-    def run_slice() -> None:
-        out = shard.run_blocks(hidden.clone().requires_grad_(True), fields)
-        torch.autograd.backward(out, grad_tensors=torch.ones_like(out))
 
-    sliced = _sustained(run_slice, repeats, sustain)
+def _unsplittable(whole: float, sliced: float, ways: int) -> float:
+    """Per micro-batch, the part of a block's time that does not shrink with its tensor-parallel share,
+    from the whole block's time and one slice of ``ways``'s: the line through both times."""
     return min(max((ways * sliced - whole) / (ways - 1), 0.0), whole)
 
 
@@ -152,23 +165,36 @@ def profile_shape(description: ModelDescription, *, micro_batch: int, seq_len: i
     def run_head() -> None:
         head(hidden.clone().requires_grad_(True), fields).backward()
 
-    cpu_before, wall_before = cpu_seconds(), time.perf_counter()
-    block_time = _sustained(run_block, repeats, sustain)
-    share = (cpu_seconds() - cpu_before) / max(time.perf_counter() - wall_before, 1e-9)
-    fixed = _unsplittable_block_seconds(model, adapter, hidden, fields, block_time, repeats, sustain)
-    embedding_time = _sustained(run_embedding, repeats, sustain)
-    head_time = _sustained(run_head, repeats, sustain)
+    run_block()  # the block's parameters get their gradients: the optimizer steps over those
     parameters = [p for p in block.parameters() if p.grad is not None]
     optimizer = build_adamw(parameters, AdamWSettings(lr=1e-6))
     count = sum(p.numel() for p in parameters)
+    runs: dict[str, Callable[[], None]] = {"block": run_block, "embedding": run_embedding, "head": run_head,
+                                           "optimizer": optimizer.step}
+    # The unsplittable part: the block is also timed as one tensor-parallel slice of ``ways`` (no all-reduce:
+    # only the local work counts here).
+    ways = min(4, adapter.num_heads())
+    if ways >= 2:
+        shard = make_tensor_parallel_model(model, adapter, 0, ways, lambda tensor: tensor).stage
 
-    optimizer_time = _sustained(optimizer.step, repeats, sustain)
+        def run_slice() -> None:
+            out = shard.run_blocks(hidden.clone().requires_grad_(True), fields)
+            torch.autograd.backward(out, grad_tensors=torch.ones_like(out))
+
+        runs["slice"] = run_slice
+    cpu_before, wall_before = cpu_seconds(), time.perf_counter()
+    timed = _rounds(runs, repeats, sustain)
+    share = (cpu_seconds() - cpu_before) / max(time.perf_counter() - wall_before, 1e-9)
+    whole = timed["block"]
+    block_time = statistics.median(whole)
+    fixed = (statistics.median(_unsplittable(w, s, ways) for w, s in zip(whole, timed["slice"], strict=True))
+             if "slice" in timed else block_time)
     return ShapeTimes(
         block_seconds=block_time / micro_batch,
         block_fixed_seconds=fixed,
-        embedding_blocks=embedding_time / block_time,
-        head_blocks=head_time / block_time,
-        optimizer_seconds_per_parameter=optimizer_time / max(count, 1),
+        embedding_blocks=_median_ratio(timed["embedding"], whole),
+        head_blocks=_median_ratio(timed["head"], whole),
+        optimizer_seconds_per_parameter=statistics.median(timed["optimizer"]) / max(count, 1),
         cpu_share=share,
     )
 

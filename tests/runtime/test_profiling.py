@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,11 @@ from cetd.runtime.driver import Driver
 from cetd.runtime.profiling import (
     PhaseCost,
     TransportProfile,
+    _median_ratio,
     _one_block_model,
+    _rounds,
     _sustained,
+    _unsplittable,
     echo_transport,
     hop_cpu_seconds,
     profile_shape,
@@ -146,3 +150,28 @@ def test_sustained_times_at_least_the_span_and_the_passes_asked_for(monkeypatch:
 
     assert _sustained(run, repeats=7, sustain=1.0, windows=3) == pytest.approx(0.5)
     assert passes == profiling.WARMUP + 7
+
+
+def test_pieces_timed_in_rounds_keep_their_ratio_when_the_device_slows_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(profiling.time, "perf_counter", clock)
+
+    def piece(seconds: float) -> Callable[[], None]:
+        def run() -> None:  # after 1.05 s the device runs 1.5× slower, to the end of the profile
+            clock.now += seconds * (1.5 if clock.now >= 1.05 else 1.0)
+        return run
+
+    timed = _rounds({"block": piece(0.010), "head": piece(0.005)}, repeats=5, sustain=1.0, windows=6)
+    assert len(timed["block"]) == len(timed["head"]) == 6
+    assert _median_ratio(timed["head"], timed["block"]) == pytest.approx(0.5)
+    # Timed one after the other, the head would have met only the slow device: 0.75 blocks, not 0.5.
+    clock.now = 0.0
+    block = _sustained(piece(0.010), repeats=5, sustain=1.0, windows=6)
+    head = _sustained(piece(0.005), repeats=5, sustain=1.0, windows=6)
+    assert head / block == pytest.approx(0.75)
+
+
+def test_the_unsplittable_part_is_the_line_through_the_whole_and_a_slice() -> None:
+    assert _unsplittable(whole=8.0, sliced=3.0, ways=4) == pytest.approx(4 / 3)  # 4/3 + (8 - 4/3) / 4 = 3
+    assert _unsplittable(whole=8.0, sliced=1.0, ways=4) == 0.0  # a slice faster than its share: nothing fixed
+    assert _unsplittable(whole=8.0, sliced=9.0, ways=4) == 8.0  # never more than the whole block
