@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
 from datetime import timedelta
@@ -64,6 +65,31 @@ def test_a_damaged_cache_file_counts_as_none(tmp_path: Path) -> None:
         (tmp_path / PROFILES_DIR / f"{key}.json").write_text("{not json")
     assert profiles.cached("a") is None
     assert profiles.cached("missing") is None
+
+
+def _store(directory: Path, key: str, times: ShapeTimes, age: timedelta = timedelta(0)) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{key}.json").write_text(json.dumps({"times": asdict(times), "at": time.time() - age.total_seconds()}))
+
+
+def test_message_costs_are_the_median_of_every_fresh_profile_here(tmp_path: Path) -> None:
+    profiles = ShapeProfiles(tmp_path, threads=1, busy=lambda: True)
+    directory = tmp_path / PROFILES_DIR
+    base = ShapeTimes(block_seconds=1e-3, embedding_blocks=0.1, head_blocks=1.0, optimizer_seconds_per_parameter=1e-9)
+    # This shape's own profile met a slow moment (11 ms a hop); two other shapes' profiles took 5 and 8 ms.
+    _store(directory, "a", replace(base, message_seconds=11e-3, byte_seconds=20e-9))
+    _store(directory, "b", replace(base, block_seconds=2e-3, message_seconds=5e-3, byte_seconds=16e-9))
+    _store(directory, "c", replace(base, message_seconds=8e-3, byte_seconds=18e-9))
+    _store(directory, "stale", replace(base, message_seconds=1.0, byte_seconds=1.0), age=timedelta(days=8))
+    _store(directory, "unmeasured", base)  # its transport was not profiled: 0, not a cost
+    (directory / "damaged.json").write_text("{not json")
+    pooled = profiles._pooled_transport(profiles.cached("a") or base)
+    assert pooled == replace(base, message_seconds=8e-3, byte_seconds=18e-9)  # the shape's own block time kept
+    # A profile without a transport measurement stays without one; a lone profile keeps its own figures.
+    assert profiles._pooled_transport(base) == base
+    alone = ShapeProfiles(tmp_path / "alone", threads=1, busy=lambda: True)
+    _store(tmp_path / "alone" / PROFILES_DIR, "a", replace(base, message_seconds=11e-3))
+    assert alone._pooled_transport(replace(base, message_seconds=11e-3)).message_seconds == 11e-3
 
 
 @pytest.mark.parametrize(("change", "message"), [
