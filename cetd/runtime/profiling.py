@@ -44,6 +44,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from cetd.runtime.models import adapter_for, disable_dropout
+from cetd.runtime.models.loading import DEFAULT_DTYPE_LOCK
 from cetd.runtime.reference import AdamWSettings, build_adamw
 from cetd.runtime.spec import ModelDescription, ShapeTimes
 from cetd.runtime.tensor_parallel import make_tensor_parallel_model
@@ -68,7 +69,8 @@ def _one_block_model(description: ModelDescription, dtype: torch.dtype) -> torch
     config = config_class.from_dict(config_dict)
     config.num_hidden_layers = 1  # every family maps this onto its own name (n_layer, n_layers…)
     auto = AutoModelForCausalLM if description.task == "causal_lm" else AutoModelForSequenceClassification
-    model: torch.nn.Module = auto.from_config(config, attn_implementation="eager")  # type: ignore[no-untyped-call]
+    with DEFAULT_DTYPE_LOCK:
+        model: torch.nn.Module = auto.from_config(config, attn_implementation="eager")  # type: ignore[no-untyped-call]
     model = model.to(dtype)
     disable_dropout(model)
     return model

@@ -65,6 +65,7 @@ from cetd.runtime.job_protocol import (
     worker_ranks,
 )
 from cetd.runtime.models import ModelAdapter, adapter_for, disable_dropout
+from cetd.runtime.models.loading import DEFAULT_DTYPE_LOCK
 from cetd.runtime.pipeline import MicroBatch, PipelineStageRunner
 from cetd.runtime.reference import AdamWSettings
 from cetd.runtime.spec import DRIVER_RANK, JobPlan, JobSpec, ModelDescription, WorkerAssignment
@@ -99,7 +100,7 @@ def build_meta_model(description: ModelDescription, *, dtype: torch.dtype) -> tu
     config_class = type(AutoConfig.for_model(config_dict["model_type"]))
     config = config_class.from_dict(config_dict)
     auto = AutoModelForCausalLM if description.task == "causal_lm" else AutoModelForSequenceClassification
-    with torch.device("meta"):
+    with DEFAULT_DTYPE_LOCK, torch.device("meta"):
         model = auto.from_config(config, attn_implementation="eager")  # type: ignore[no-untyped-call]  # transformers is untyped
     model = model.to(dtype)
     disable_dropout(model)

@@ -9,6 +9,7 @@ dropout is off (see `disable_dropout`).
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,14 @@ from cetd.runtime.models import ModelAdapter, adapter_for, disable_dropout
 from cetd.runtime.models.presets import PRESETS, PRETRAINED_PRESETS
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_DTYPE_LOCK = threading.Lock()
+"""Held around every transformers model construction (``from_pretrained``, ``from_config``): one at a time
+in this process. transformers switches torch's process-wide
+default dtype while it builds the model and switches it back afterwards; two threads loading at once
+(the ranks of a job run in one process, as the tests run them) can each restore the other's switch and
+leave float64 the default for the rest of the process: seen in CI, where every later test that built a
+tensor without a dtype got float64."""
 
 _CLASSES_BY_TYPE: dict[str, Any] = {
     "gpt2": GPT2LMHeadModel,
@@ -94,9 +103,10 @@ def _load_minilm(*, seed: int, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     _without_dropout(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = BertForSequenceClassification.from_pretrained(
-            path, config=config, local_files_only=True, attn_implementation="eager", dtype=dtype
-        )
+        with DEFAULT_DTYPE_LOCK:
+            model = BertForSequenceClassification.from_pretrained(
+                path, config=config, local_files_only=True, attn_implementation="eager", dtype=dtype
+            )
     return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
@@ -118,9 +128,10 @@ def _load_folder(folder: Path, *, seed: int, dtype: torch.dtype) -> tuple[nn.Mod
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = model_class.from_pretrained(
-                folder, config=config, local_files_only=True, attn_implementation="eager", dtype=dtype
-            )
+            with DEFAULT_DTYPE_LOCK:
+                model = model_class.from_pretrained(
+                    folder, config=config, local_files_only=True, attn_implementation="eager", dtype=dtype
+                )
     except (OSError, ValueError) as error:
         raise JobError(f"cannot load the model weights in {folder}: {error}") from error
     tokenizer = None
