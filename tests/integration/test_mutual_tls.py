@@ -119,7 +119,7 @@ def test_strangers_are_refused_on_every_call_but_enrollment(tmp_path: Path) -> N
         # A member may not speak for another device in a heartbeat (the request names nobody here).
         assert member_codes["Heartbeat"] == grpc.StatusCode.PERMISSION_DENIED
 
-        async def member_extras() -> tuple[list[str], grpc.StatusCode]:
+        async def member_extras() -> tuple[list[str], grpc.StatusCode, str]:
             async with _channel(address, server_name, identity.ca_pem, member_identity.key_pem,
                                 member_identity.cert_chain_pem) as channel:
                 stub = reflection_pb2_grpc.ServerReflectionStub(channel)
@@ -134,17 +134,24 @@ def test_strangers_are_refused_on_every_call_but_enrollment(tmp_path: Path) -> N
             async with _channel(address, server_name, identity.ca_pem, private_key_pem(stranger_key),
                                 certificate_pem(stranger)) as channel:
                 stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+                replies = []
                 try:
-                    async for _ in stub.ServerReflectionInfo(iter([request])):
-                        pass
-                    code = grpc.StatusCode.OK
+                    async for reply in stub.ServerReflectionInfo(iter([request])):
+                        replies.append(reply)
+                    code, details = grpc.StatusCode.OK, ""
                 except grpc.aio.AioRpcError as error:
-                    code = error.code()
-            return services, code
+                    code, details = error.code(), f"{error.details()}: {error.debug_error_string()}"
+            assert replies == []
+            return services, code, details
 
-        services, stranger_reflection = asyncio.run(member_extras())
+        services, stranger_reflection, details = asyncio.run(member_extras())
         assert {"cetd.v1.Household", "cetd.v1.Admin", "grpc.health.v1.Health"} <= set(services)
-        assert stranger_reflection == grpc.StatusCode.PERMISSION_DENIED
+        if stranger_reflection == grpc.StatusCode.INTERNAL and "execute_batch" in details:
+            # The daemon refused the stream before the client had written its request, and the client's
+            # late write failed on its own side (3 of 38 runs here); the daemon's log has the refusal.
+            assert "refused /grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo" in ca_daemon.log()
+        else:
+            assert stranger_reflection == grpc.StatusCode.PERMISSION_DENIED, details
 
         # Enrollment is the only call open without a member certificate, and without a token proof it
         # only files a pending request: the roster does not change.
