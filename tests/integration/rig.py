@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -173,6 +173,23 @@ class DaemonProcess:
                 child.kill()
         self.proc.wait(timeout=15)
 
+    def job_processes(self) -> list[Any]:
+        """The job processes (drivers and workers) this daemon runs now, as `psutil.Process` objects."""
+        import psutil
+
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        found = []
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "cetd.daemon.worker_main" in child.cmdline():
+                    found.append(child)
+        return found
+
+    def sees_alive(self, device_id: str | None) -> bool:
+        """Whether this daemon's heartbeats currently count ``device_id`` as alive."""
+        return any(p["device_id"] == device_id and p["state"] == "alive" for p in self.peers()["peers"])
+
     def job(self, job_id: str) -> dict[str, Any]:
         """`cetctl status JOB --json`, fetched in-process."""
         import asyncio
@@ -264,6 +281,28 @@ class DaemonProcess:
                 return view_as_dict(await client.list_peers())
 
         return asyncio.run(fetch())
+
+
+@contextlib.contextmanager
+def stalled(daemons: Sequence[DaemonProcess]) -> Iterator[None]:
+    """Stall every job process of ``daemons`` (SIGSTOP) for the block, then let them go on (SIGCONT).
+
+    The daemons themselves keep running and heartbeating: to the household the devices are alive, their
+    jobs just make no progress, as on a device whose training processes are not being scheduled.
+    """
+    import psutil
+
+    processes = [p for daemon in daemons for p in daemon.job_processes()]
+    assert processes, "no job process to stall"
+    try:
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.suspend()
+        yield
+    finally:
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.resume()
 
 
 @dataclass

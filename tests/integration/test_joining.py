@@ -50,10 +50,7 @@ def test_token_join_works_once_and_refuses_reuse_expiry_and_foreign_tokens(tmp_p
         newcomer.start()
         newcomer.wait_ready()
 
-        def newcomer_alive() -> bool:
-            return any(p["device_id"] == device_id and p["state"] == "alive" for p in ca.peers()["peers"])
-
-        wait_until(newcomer_alive, 10, what="newcomer alive at the CA holder")
+        wait_until(lambda: ca.sees_alive(device_id), 10, what="newcomer alive at the CA holder")
 
         # The same token again, from another device: refused, nothing written.
         again = join(tmp_path / "second", token)

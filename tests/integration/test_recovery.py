@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.integration.reference import max_param_gap, reference_run, write_text_data
-from tests.integration.rig import DaemonProcess, Household, wait_until
+from tests.integration.rig import DaemonProcess, Household, stalled, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -110,10 +110,16 @@ def test_stage_device_killed_then_back_resumes_elsewhere_and_grows_again(househo
     wait_until(lambda: submitter.job(job_id)["steps_done"] >= 8, 120, interval=0.05, what="step 8")
     kill_a_stage(job_id)
     # It resumes on the two devices left, with another partition (the failed device is excluded)...
-    wait_until(lambda: len(plan_devices(submitter.job(job_id))) == 2, 30, interval=0.05, what="a 2-device plan")
-    # ...and when the device comes back it is taken in again at a checkpoint boundary.
-    killed[0].start()
-    killed[0].wait_ready()
+    wait_until(lambda: (job := submitter.job(job_id))["recoveries"] and len(plan_devices(job)) == 2, 30,
+               interval=0.05, what="a 2-device plan running")
+    # ...and when the device comes back it is taken in again at a checkpoint boundary. The job is stalled
+    # while the device restarts (a small model on two devices would otherwise finish first) and goes on
+    # once every survivor's heartbeats count the device alive again.
+    survivors = [d for d in household.daemons if d is not killed[0]]
+    with stalled(survivors):
+        killed[0].start()
+        killed[0].wait_ready()
+        wait_until(lambda: all(d.sees_alive(killed[0].device_id) for d in survivors), 30, what="the device back")
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
     events = [first, *(json.loads(line) for line in stdout.splitlines() if line.strip())]
