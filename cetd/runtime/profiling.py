@@ -234,8 +234,15 @@ class TransportProfile:
     """This end's CPU per phase."""
 
 
+WARM_PHASE = "profile/warm"
+"""The first ping-pongs, never counted: they open the stream (TLS handshake, gRPC set-up), which is no
+message's cost."""
+WARM_PASSES = 5
+
+
 def _phases(large: int) -> dict[str, torch.Tensor]:
-    return {"profile/small": torch.zeros(16, dtype=torch.float32),
+    return {WARM_PHASE: torch.zeros(16, dtype=torch.float32),
+            "profile/small": torch.zeros(16, dtype=torch.float32),
             "profile/large": torch.zeros(max(large // 4, 16), dtype=torch.float32)}
 
 
@@ -260,6 +267,11 @@ def profile_transport(near: PeerChannel, far_rank: int, *, repeats: int = 20, su
 
     hops, phases = {}, {}
     for name, tensor in _phases(large).items():
+        if name == WARM_PHASE:
+            for _ in range(WARM_PASSES):
+                ping_pong(name, tensor)
+            ping_pong(name, torch.full_like(tensor, SENTINEL))
+            continue
         passes = repeats if name == "profile/small" else max(2, repeats // 4)
         started = cpu_seconds()
         hops[name] = _sustained(functools.partial(ping_pong, name, tensor), passes, sustain) / 2
@@ -289,7 +301,8 @@ def echo_transport(far: PeerChannel, near_rank: int, *, large: int = 1 << 20,
             far.send(near_rank, TensorKey(step=step, micro_batch=1, name=name), message).wait(timeout)
             if message.numel() and float(message[0]) == SENTINEL:
                 break
-        phases[name] = PhaseCost(messages=step, cpu_seconds=cpu_seconds() - started)
+        if name != WARM_PHASE:
+            phases[name] = PhaseCost(messages=step, cpu_seconds=cpu_seconds() - started)
     return phases
 
 

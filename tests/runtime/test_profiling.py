@@ -87,6 +87,8 @@ def test_a_hop_is_timed_against_the_echo_and_every_message_is_consumed() -> None
     assert timed.byte_seconds >= 0
     assert timed.large_bytes == 1 << 16
     assert len(echoed) == 1
+    # The warm-up that opens the stream is not counted.
+    assert set(timed.phases) == set(echoed[0]) == {"profile/small", "profile/large"}
     for phase, cost in timed.phases.items():
         # Every ping the near end sent was echoed: the timed passes (at least one per window), the warm-up,
         # and the sentinel that ends the phase.
