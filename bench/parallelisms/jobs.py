@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cetd.cluster.power import BUILTIN_PROFILES, DeviceUsage, EnergyModel
+from cetd.daemon.shape_profiles import PROFILES_DIR, pooled_message_costs
 
 from .testbed import Reading, Testbed
 
@@ -94,6 +95,9 @@ class JobOutcome:
     links: dict[int, list[float]] = field(default_factory=dict)
     """Host → [MB/s, ms]: the submitting device's link estimates just before the job (what its plan used,
     as the submitter coordinates), from `cetctl peers`."""
+    message_ms: list[float | None] = field(default_factory=list)
+    """Per host, the milliseconds per message hop its profiles answered the plan (`pooled_message_costs`,
+    else its one profile's), read after the job; None where none was measured."""
 
     @property
     def prediction_error(self) -> float | None:
@@ -141,6 +145,7 @@ def run_job(testbed: Testbed, *, model: str, folder: Path, data: Path, paralleli
     stderr = process.stderr.read().strip() if process.stderr else ""
     outcome.wall_seconds = time.monotonic() - started
     outcome.memory_peak_bytes = testbed.memory_peaks()
+    outcome.message_ms = _message_ms(testbed)
     events = [json.loads(text) for _, text in lines]
     _summarise(outcome, testbed, events, readings, settings)
     if outcome.status == "timeout":
@@ -169,6 +174,19 @@ def _links(testbed: Testbed) -> dict[int, list[float]]:
     return {testbed.host_of_device[p["device_id"]]: [round(p["link"]["bandwidth_bytes_per_second"] / 1e6, 1),
                                                      round(p["link"]["latency_seconds"] * 1e3, 3)]
             for p in peers if p["device_id"] in testbed.host_of_device and p["link"]["bandwidth_bytes_per_second"]}
+
+
+def _message_ms(testbed: Testbed) -> list[float | None]:
+    hosts: list[float | None] = [None] * len(testbed.household.daemons)
+    for daemon in testbed.household.daemons:
+        folder = daemon.state_dir / PROFILES_DIR
+        pooled = pooled_message_costs(folder)
+        if pooled is None:  # one profile: its own figure
+            single = [json.loads(f.read_text())["times"].get("message_seconds", 0.0) for f in folder.glob("*.json")]
+            pooled = (single[0], 0.0) if single and single[0] > 0 else None
+        if pooled is not None:
+            hosts[testbed.host_of_device[str(daemon.device_id)]] = round(pooled[0] * 1e3, 3)
+    return hosts
 
 
 def _cancel_running(testbed: Testbed, events: list[dict[str, Any]]) -> None:

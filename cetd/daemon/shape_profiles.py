@@ -47,7 +47,7 @@ from cetd.transport.job_types import ProfileAnswer, ProfileQuery
 
 from .job_process import JobProcess
 
-__all__ = ["ShapeProfiles", "gather_shape_times", "shape_key"]
+__all__ = ["ShapeProfiles", "gather_shape_times", "pooled_message_costs", "shape_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +112,12 @@ class ShapeProfiles:
 
     def _pooled_transport(self, times: ShapeTimes) -> ShapeTimes:
         """``times`` with the message costs every fresh profile here measured, each the median of them."""
-        measured = [t for t in map(_read_fresh, self._dir.glob("*.json")) if t is not None and t.message_seconds > 0]
-        if times.message_seconds <= 0 or len(measured) < 2:
+        if times.message_seconds <= 0:
             return times
-        return replace(times, message_seconds=statistics.median(t.message_seconds for t in measured),
-                       byte_seconds=statistics.median(t.byte_seconds for t in measured))
+        pooled = pooled_message_costs(self._dir)
+        if pooled is None:
+            return times
+        return replace(times, message_seconds=pooled[0], byte_seconds=pooled[1])
 
     async def answer(self, query: ProfileQuery) -> ProfileAnswer:
         """The times for the query's shape; measured now when asked to, not cached and idle.
@@ -162,6 +163,16 @@ class ShapeProfiles:
                     description.hidden_size, query.precision, query.micro_batch, query.seq_len, time.monotonic() - started, times.block_seconds * 1e3,
                     times.head_blocks, times.embedding_blocks, times.optimizer_seconds_per_parameter * 1e9)
         return times
+
+
+def pooled_message_costs(directory: Path) -> tuple[float, float] | None:
+    """Seconds per hop and per byte as a device answers them: the medians over the fresh profiles in its
+    profiles ``directory`` that timed the transport; None with fewer than two such profiles."""
+    measured = [t for t in map(_read_fresh, directory.glob("*.json")) if t is not None and t.message_seconds > 0]
+    if len(measured) < 2:
+        return None
+    return (statistics.median(t.message_seconds for t in measured),
+            statistics.median(t.byte_seconds for t in measured))
 
 
 def _read_fresh(path: Path) -> ShapeTimes | None:
