@@ -96,8 +96,8 @@ class JobOutcome:
     """Host → [MB/s, ms]: the submitting device's link estimates just before the job (what its plan used,
     as the submitter coordinates), from `cetctl peers`."""
     message_ms: list[float | None] = field(default_factory=list)
-    """Per host, the milliseconds per message hop its profiles answered the plan (`pooled_message_costs`,
-    else its one profile's), read after the job; None where none was measured."""
+    """Per host, the milliseconds per message hop its profiles answered the plan (`pooled_message_costs`),
+    read after the job; None where none was measured."""
 
     @property
     def prediction_error(self) -> float | None:
@@ -179,11 +179,7 @@ def _links(testbed: Testbed) -> dict[int, list[float]]:
 def _message_ms(testbed: Testbed) -> list[float | None]:
     hosts: list[float | None] = [None] * len(testbed.household.daemons)
     for daemon in testbed.household.daemons:
-        folder = daemon.state_dir / PROFILES_DIR
-        pooled = pooled_message_costs(folder)
-        if pooled is None:  # one profile: its own figure
-            single = [json.loads(f.read_text())["times"].get("message_seconds", 0.0) for f in folder.glob("*.json")]
-            pooled = (single[0], 0.0) if single and single[0] > 0 else None
+        pooled = pooled_message_costs(daemon.state_dir / PROFILES_DIR)
         if pooled is not None:
             hosts[testbed.host_of_device[str(daemon.device_id)]] = round(pooled[0] * 1e3, 3)
     return hosts

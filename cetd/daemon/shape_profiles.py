@@ -167,9 +167,9 @@ class ShapeProfiles:
 
 def pooled_message_costs(directory: Path) -> tuple[float, float] | None:
     """Seconds per hop and per byte as a device answers them: the medians over the fresh profiles in its
-    profiles ``directory`` that timed the transport; None with fewer than two such profiles."""
+    profiles ``directory`` that timed the transport (a lone profile's own figures); None without any."""
     measured = [t for t in map(_read_fresh, directory.glob("*.json")) if t is not None and t.message_seconds > 0]
-    if len(measured) < 2:
+    if not measured:
         return None
     return (statistics.median(t.message_seconds for t in measured),
             statistics.median(t.byte_seconds for t in measured))
