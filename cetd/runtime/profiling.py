@@ -41,10 +41,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from cetd.runtime.models import adapter_for, disable_dropout
-from cetd.runtime.models.loading import DEFAULT_DTYPE_LOCK
+from cetd.runtime.models import adapter_for
+from cetd.runtime.models.loading import build_described
 from cetd.runtime.reference import AdamWSettings, build_adamw
 from cetd.runtime.spec import ModelDescription, ShapeTimes
 from cetd.runtime.tensor_parallel import make_tensor_parallel_model
@@ -61,19 +60,6 @@ SUSTAIN_SECONDS = 1.0
 
 WINDOWS = 5
 """Windows each piece's span is cut into; the median window's time per pass is the piece's time."""
-
-
-def _one_block_model(description: ModelDescription, dtype: torch.dtype) -> torch.nn.Module:
-    config_dict = dict(description.config)
-    config_class = type(AutoConfig.for_model(config_dict["model_type"]))
-    config = config_class.from_dict(config_dict)
-    config.num_hidden_layers = 1  # every family maps this onto its own name (n_layer, n_layers…)
-    auto = AutoModelForCausalLM if description.task == "causal_lm" else AutoModelForSequenceClassification
-    with DEFAULT_DTYPE_LOCK:
-        model: torch.nn.Module = auto.from_config(config, attn_implementation="eager")  # type: ignore[no-untyped-call]
-    model = model.to(dtype)
-    disable_dropout(model)
-    return model
 
 
 def _batch(description: ModelDescription, micro_batch: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -144,7 +130,7 @@ def profile_shape(description: ModelDescription, *, micro_batch: int, seq_len: i
     """
     if micro_batch < 1 or seq_len < 1:
         raise ValueError(f"cannot profile a micro-batch of {micro_batch} × {seq_len} tokens")
-    model = _one_block_model(description, dtype)
+    model = build_described(description, dtype=dtype, blocks=1)
     adapter = adapter_for(model)
     batch = _batch(description, micro_batch, seq_len)
     embedding = adapter.make_stage(model, 0, 0, first=True, last=False)

@@ -28,7 +28,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from cetd.errors import JobError
 from cetd.runtime.checkpoint import checkpoint_folder, disk_error, prune_replicas, shard_file_name, write_file_atomic
@@ -64,8 +63,8 @@ from cetd.runtime.job_protocol import (
     tensor_parallel_key,
     worker_ranks,
 )
-from cetd.runtime.models import ModelAdapter, adapter_for, disable_dropout
-from cetd.runtime.models.loading import DEFAULT_DTYPE_LOCK
+from cetd.runtime.models import ModelAdapter, adapter_for
+from cetd.runtime.models.loading import build_described
 from cetd.runtime.pipeline import MicroBatch, PipelineStageRunner
 from cetd.runtime.reference import AdamWSettings
 from cetd.runtime.spec import DRIVER_RANK, JobPlan, JobSpec, ModelDescription, WorkerAssignment
@@ -96,14 +95,7 @@ def build_meta_model(description: ModelDescription, *, dtype: torch.dtype) -> tu
     computes the very numbers the driver's model would. No weight is drawn: they all come from the
     driver.
     """
-    config_dict = dict(description.config)
-    config_class = type(AutoConfig.for_model(config_dict["model_type"]))
-    config = config_class.from_dict(config_dict)
-    auto = AutoModelForCausalLM if description.task == "causal_lm" else AutoModelForSequenceClassification
-    with DEFAULT_DTYPE_LOCK, torch.device("meta"):
-        model = auto.from_config(config, attn_implementation="eager")  # type: ignore[no-untyped-call]  # transformers is untyped
-    model = model.to(dtype)
-    disable_dropout(model)
+    model = build_described(description, dtype=dtype, meta=True)
     return model, adapter_for(model)
 
 

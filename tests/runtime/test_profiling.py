@@ -12,11 +12,11 @@ import torch
 
 from cetd.runtime import profiling
 from cetd.runtime.driver import Driver
+from cetd.runtime.models.loading import build_described
 from cetd.runtime.profiling import (
     PhaseCost,
     TransportProfile,
     _median_ratio,
-    _one_block_model,
     _rounds,
     _sustained,
     _unsplittable,
@@ -56,7 +56,7 @@ def test_only_one_block_is_built_whatever_the_models_depth(tmp_path: Path) -> No
     description = _describe(tmp_path, "gpt2-tiny")
     deep = ModelDescription(**{**_fields(description), "num_blocks": 48,
                                "config": {**description.config, "n_layer": 48}})
-    model = _one_block_model(deep, torch.float32)
+    model = build_described(deep, dtype=torch.float32, blocks=1)
     ends = description.parameter_count - description.num_blocks * description.block_parameter_count
     assert sum(p.numel() for p in model.parameters()) == ends + description.block_parameter_count
 

@@ -8,15 +8,18 @@ dropout is off (see `disable_dropout`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     BertForSequenceClassification,
     DistilBertForSequenceClassification,
@@ -27,6 +30,9 @@ from transformers import (
 from cetd.errors import JobError
 from cetd.runtime.models import ModelAdapter, adapter_for, disable_dropout
 from cetd.runtime.models.presets import PRESETS, PRETRAINED_PRESETS
+
+if TYPE_CHECKING:
+    from cetd.runtime.spec import ModelDescription
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +91,30 @@ def load_model(source: str, *, seed: int, dtype: torch.dtype = torch.float32) ->
         "loaded %s: %s, %d parameters", source, type(model).__name__, sum(p.numel() for p in model.parameters())
     )
     return model, tokenizer, adapter_for(model)
+
+
+def build_described(description: ModelDescription, *, dtype: torch.dtype, blocks: int | None = None,
+                    meta: bool = False) -> nn.Module:
+    """The architecture a `ModelDescription` names, built from its config alone (no weights are read).
+
+    Attention runs the eager path and dropout is off, as `load_model` builds every model, so a share built
+    here computes the very numbers the driver's model would.
+
+    Args:
+        blocks: build this many transformer blocks rather than the config's (every family maps
+            ``num_hidden_layers`` onto its own name: ``n_layer``, …).
+        meta: put every parameter and buffer on the meta device: nothing is drawn or allocated.
+    """
+    config_dict = dict(description.config)
+    config = type(AutoConfig.for_model(config_dict["model_type"])).from_dict(config_dict)
+    if blocks is not None:
+        config.num_hidden_layers = blocks
+    auto = AutoModelForCausalLM if description.task == "causal_lm" else AutoModelForSequenceClassification
+    with DEFAULT_DTYPE_LOCK, torch.device("meta") if meta else contextlib.nullcontext():
+        model: nn.Module = auto.from_config(config, attn_implementation="eager")  # type: ignore[no-untyped-call]  # transformers is untyped
+    model = model.to(dtype)
+    disable_dropout(model)
+    return model
 
 
 def _without_dropout(config: Any) -> None:
