@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import queue
-import resource
 import signal
 import sys
 import threading
@@ -146,6 +145,7 @@ def run_driver(launch: dict[str, Any], link: DaemonLink) -> None:
     """Describe the job, then run one incarnation per plan the daemon sends until the job ends."""
     from cetd.runtime.checkpoint import CheckpointError
     from cetd.runtime.driver import Driver, WorkerLost
+    from cetd.runtime.profiling import cpu_seconds
 
     spec = from_json(JobSpec, json.dumps(launch["spec"]))
     job_id = launch["job_id"]
@@ -185,7 +185,7 @@ def run_driver(launch: dict[str, Any], link: DaemonLink) -> None:
                 emit("paused", reason=str(error))
                 continue
         emit("done", seconds=result.seconds, samples=result.samples, output=result.output,
-             cpu_seconds=_cpu_seconds())
+             cpu_seconds=cpu_seconds())
         return
 
 
@@ -206,6 +206,7 @@ class _TruncatingChannel:
 
 
 def run_worker_process(launch: dict[str, Any], link: DaemonLink) -> None:
+    from cetd.runtime.profiling import cpu_seconds
     from cetd.runtime.worker import run_worker
 
     spec = from_json(JobSpec, json.dumps(launch["spec"]))
@@ -220,7 +221,7 @@ def run_worker_process(launch: dict[str, Any], link: DaemonLink) -> None:
             channel = _TruncatingChannel(channel)
         run_worker(spec, plan, rank, description, channel, checkpoint_dir=Path(launch["checkpoint_dir"]),
                    device_id=launch["device_id"])
-    emit("done", cpu_seconds=_cpu_seconds())
+    emit("done", cpu_seconds=cpu_seconds())
 
 
 def run_profile(launch: dict[str, Any]) -> None:
@@ -324,11 +325,6 @@ def run_echo(launch: dict[str, Any]) -> None:
         far.connect({0: (address, name)})
         phases = echo_transport(far, 0)
     emit("echoed", phases={phase: dataclasses.asdict(cost) for phase, cost in phases.items()})
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _die_with_the_daemon() -> None:
