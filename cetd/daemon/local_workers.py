@@ -89,6 +89,8 @@ class LocalWorkers:
         except CetdError:
             await process.stop()
             self._processes.pop(key, None)
+            self._directors.pop(key, None)
+            self._submitter.pop(key, None)
             raise
         if self.meters:
             self._meter_start[key] = sum(r.joules for r in read_meters(self.meters))
@@ -131,6 +133,8 @@ class LocalWorkers:
         process = self._processes.pop(job_id, None)
         if process is None:
             return WorkerUsage()
+        self._directors.pop(job_id, None)
+        self._submitter.pop(job_id, None)
         follow = self._follow.pop(job_id, None)
         if follow is not None and not process.running:
             # It ended by itself: let its last words (a failure reason) be read first.
@@ -159,3 +163,5 @@ class LocalWorkers:
         for process in list(self._processes.values()):
             await process.stop()
         self._processes.clear()
+        self._directors.clear()
+        self._submitter.clear()
