@@ -321,10 +321,10 @@ class HouseholdNode:
         """
         while True:
             await asyncio.sleep(every.total_seconds())
-            alive = sorted(self.table.alive_info(time.monotonic()).values(), key=lambda p: p.device_id)
+            alive = self._alive_peers()
             if not alive or self.probe_refusal():
                 continue
-            candidates = [p for p in alive if p.device_id not in self.links] or alive
+            candidates = self._unmeasured(alive) or alive
             peer = candidates[self._probe_turn % len(candidates)]
             self._probe_turn += 1
             await self.probe_link(peer)
@@ -334,9 +334,16 @@ class HouseholdNode:
         plan on a guess (in a household that keeps training, the background probes may not have found a
         moment when both ends were idle)."""
         wanted = set(device_ids)
-        for peer in sorted(self.table.alive_info(time.monotonic()).values(), key=lambda p: p.device_id):
-            if peer.device_id in wanted and peer.device_id not in self.links:
-                await self.probe_link(peer)
+        for peer in self._unmeasured(p for p in self._alive_peers() if p.device_id in wanted):
+            await self.probe_link(peer)
+
+    def _alive_peers(self) -> list[PeerInfo]:
+        """The peers alive now, in device-ID order."""
+        return sorted(self.table.alive_info(time.monotonic()).values(), key=lambda p: p.device_id)
+
+    def _unmeasured(self, peers: Iterable[PeerInfo]) -> list[PeerInfo]:
+        """Those of ``peers`` whose link was never measured."""
+        return [p for p in peers if p.device_id not in self.links]
 
     async def probe_link(self, peer: PeerInfo, large: int = 1024 * 1024) -> bool:
         """Probe ``peer`` once and keep the result: latency is half the best round trip of ten tiny probes,
