@@ -8,6 +8,8 @@ Prints nothing; writes ``WORKDIR/result<RANK>.json``:
 - ``message_seconds``, ``byte_seconds``: the daemon's own transport profile of this device
   (`cetd.runtime.profiling.profile_transport` against an echo in a second process, both on 127.0.0.1,
   both ends' CPU over the device's share of a core), which the cost model paces rings by;
+- ``cpu_share``: that share, CPU-seconds per wall second on a compute loop (so ``message_seconds ×
+  cpu_share`` is the profile's CPU per hop, to set beside the ring's);
 - ``pair_round_seconds``, ``pair_round_cpu``: one member's ring round when both members of a 2-member
   `all_reduce_` are on this device (wall and CPU, per member and round);
 - ``ring_seconds``, ``ring_cpu``: one `all_reduce_` of NUMEL float32 among all hosts, wall and this
@@ -52,7 +54,10 @@ def main(rank: int, ip: str, workdir: Path, numel: int, repeats: int) -> None:
 
     result: dict[str, float] = {}
     with channel(0, 2, "profile", "127.0.0.1") as near:
-        result["message_seconds"], result["byte_seconds"] = _profile_against_echo(rank, workdir, near, me.tls_name)
+        share = _cpu_share()
+        result["cpu_share"] = share
+        result["message_seconds"], result["byte_seconds"] = _profile_against_echo(rank, workdir, near, me.tls_name,
+                                                                                  share)
     with channel(0, 2, "pair", "127.0.0.1") as near, channel(1, 2, "pair", "127.0.0.1") as far:
         near.connect({1: (far.address, me.tls_name)})
         far.connect({0: (near.address, me.tls_name)})
@@ -124,10 +129,10 @@ def _cpu_share(seconds: float = 0.5) -> float:
     return (cpu_seconds() - used) / (time.perf_counter() - started)
 
 
-def _profile_against_echo(rank: int, workdir: Path, near: GrpcPeerChannel, tls_name: str) -> tuple[float, float]:
+def _profile_against_echo(rank: int, workdir: Path, near: GrpcPeerChannel, tls_name: str,
+                          share: float) -> tuple[float, float]:
     """The daemon's transport profile: `profile_transport` from ``near`` against `echo` in a second process,
     both ends' CPU over this device's share (`hop_cpu_seconds`)."""
-    share = _cpu_share()
     address_file, costs_file = workdir / f"echo{rank}", workdir / f"echo{rank}.json"
     echo_process = subprocess.Popen([sys.executable, "-m", "bench.collectives.member", "echo", str(rank), str(workdir),
                                      near.address])
