@@ -86,7 +86,7 @@ async def cmd_peers(client: PeerClient, args: argparse.Namespace) -> int:
 
     def human(console: Console) -> None:
         table = Table(title=f"household — term {view.term}, roster v{view.roster_version}")
-        for column in ("device", "name", "address", "state", "role", "cores", "memory", "accel", "block ms",
+        for column in ("device", "name", "address", "state", "role", "cores", "memory", "free", "accel", "block ms",
                        "link MB/s", "power", "seen"):
             table.add_column(column, no_wrap=column in ("device", "address"))
         for p in view.peers:
@@ -94,7 +94,8 @@ async def cmd_peers(client: PeerClient, args: argparse.Namespace) -> int:
             me = " (this)" if p.info.device_id == view.self_id else ""
             table.add_row(
                 p.info.device_id.split("-")[0] + me, p.info.name, p.info.address or "-", p.state, p.role,
-                str(caps.cores or "-"), _gib(caps.memory_bytes), caps.accelerator or "-",
+                str(caps.cores or "-"), _gib(caps.memory_bytes), _gib(caps.free_memory_bytes),
+                caps.accelerator or "-",
                 f"{caps.block_seconds * 1000:.1f}" if caps.block_seconds else "-",
                 f"{p.bandwidth_bytes_per_second / 1e6:.0f}" if p.bandwidth_bytes_per_second else "-",
                 caps.power_profile or "-",

@@ -219,7 +219,9 @@ class DeviceConfig:
     rank: int = 0
     """Capability rank used by the election; 0 derives it from cores, memory and accelerator."""
     memory_limit_bytes: int = 0
-    """Memory the training workers may use, in bytes; 0 means the physical memory."""
+    """Memory the training workers may use, in bytes; 0 means the physical memory. A cgroup limit on the
+    daemon (systemd MemoryMax=, a container's) lowers it further, and a plan only uses what is free
+    when it is made."""
     power_profile: str = "auto"
     """Power profile for the energy model (e.g. "jetson-nano"); "auto" picks one from the hardware."""
     profile: bool = True

@@ -38,7 +38,7 @@ from cetd.transport.jobs_service import SERVICE_NAME as JOBS_SERVICE_NAME
 from cetd.transport.jobs_service import add_jobs_service
 from cetd.transport.peer_info import Capabilities, PeerInfo
 
-from .capabilities import detect_capabilities
+from .capabilities import detect_capabilities, keep_free_memory
 from .config import Config
 from .household import HouseholdNode
 from .jobs import JobManager
@@ -199,6 +199,9 @@ class Daemon:
             DaemonRuntime(device_id=identity.device_id, address=f"{local}:{member.port}", port=member.port,
                           enroll_port=enroll_port, pid=os.getpid()).write(self.state.path)
             heartbeats = asyncio.get_running_loop().create_task(node.run(), name="heartbeats")
+            memory = asyncio.get_running_loop().create_task(
+                keep_free_memory(lambda: node.capabilities, node.update_capabilities), name="free memory")
+            stack.push_async_callback(_cancel, memory)
             if config.device.profile:
                 profiling = asyncio.get_running_loop().create_task(keep_profiled(
                     self.state.path, threads, lambda: node.capabilities, node.update_capabilities, node.busy,

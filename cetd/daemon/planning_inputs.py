@@ -19,6 +19,7 @@ from cetd.identity import tls_server_name
 from cetd.ids import DeviceId
 from cetd.runtime.spec import ModelDescription, ShapeTimes
 from cetd.transport.job_types import WorkerEndpoint
+from cetd.transport.peer_info import Capabilities
 
 from .household import HouseholdNode
 
@@ -48,17 +49,26 @@ def power_profile(name: str) -> PowerProfile:
     return profile_for(name or DEFAULT_PROFILE)
 
 
+def offered_memory(capabilities: Capabilities) -> int:
+    """The memory a plan may use on a device: what it has free now where it measured that, never more than
+    its ceiling (physical memory, its cgroup's limit, its configured limit)."""
+    if capabilities.free_memory_bytes > 0:
+        return min(capabilities.memory_bytes, capabilities.free_memory_bytes)
+    return capabilities.memory_bytes
+
+
 def member_offers(node: HouseholdNode, description: ModelDescription | None = None, seq_len: int = 32,
                   shapes: Mapping[str, ShapeTimes] | None = None) -> list[DeviceOffer]:
     """The live members as the planner sees them: with the times each measured for the job's own shapes
-    (``shapes``, by device ID), else their reference block's time scaled to the model."""
+    (``shapes``, by device ID), else their reference block's time scaled to the model, and the memory each
+    has free now (never more than its ceiling)."""
     infos = [node.self_info, *node.table.alive_info(time.monotonic()).values()]
     offers = []
     for info in infos:
         if not node.roster.roster.is_member(info.device_id):
             continue
         capabilities = info.capabilities
-        offer = DeviceOffer(device_id=info.device_id, memory_bytes=capabilities.memory_bytes, cores=capabilities.cores,
+        offer = DeviceOffer(device_id=info.device_id, memory_bytes=offered_memory(capabilities), cores=capabilities.cores,
                             rank=capabilities.rank, power_profile=capabilities.power_profile,
                             accelerator=bool(capabilities.accelerator),
                             block_seconds=scale_block_seconds(capabilities.block_seconds, description, seq_len))

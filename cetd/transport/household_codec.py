@@ -28,6 +28,7 @@ def capabilities_to_wire(caps: Capabilities) -> pb.Capabilities:
     return pb.Capabilities(
         cores=caps.cores, memory_bytes=caps.memory_bytes, accelerator=caps.accelerator, rank=caps.rank,
         block_seconds=caps.block_seconds, power_profile=caps.power_profile, machine=caps.machine,
+        free_memory_bytes=caps.free_memory_bytes,
     )
 
 
@@ -35,6 +36,7 @@ def capabilities_from_wire(msg: pb.Capabilities) -> Capabilities:
     return Capabilities(
         cores=msg.cores, memory_bytes=msg.memory_bytes, accelerator=msg.accelerator, rank=msg.rank,
         block_seconds=msg.block_seconds, power_profile=msg.power_profile, machine=msg.machine,
+        free_memory_bytes=msg.free_memory_bytes,
     )
 
 

@@ -29,6 +29,9 @@ class Capabilities:
     machine: str = ""
     """An opaque digest of the kernel this device runs on (`cetd.daemon.capabilities.machine_digest`): equal
     for daemons sharing one machine; "" when unknown."""
+    free_memory_bytes: int = 0
+    """Memory a new worker could use now, at most ``memory_bytes`` (`cetd.daemon.capabilities.free_memory`);
+    0 until measured. The planner offers the smaller of the two."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

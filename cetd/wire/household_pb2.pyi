@@ -36,6 +36,7 @@ class Capabilities(_message.Message):
     BLOCK_SECONDS_FIELD_NUMBER: _builtins.int
     POWER_PROFILE_FIELD_NUMBER: _builtins.int
     MACHINE_FIELD_NUMBER: _builtins.int
+    FREE_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     cores: _builtins.int
     memory_bytes: _builtins.int
     accelerator: _builtins.str
@@ -52,6 +53,11 @@ class Capabilities(_message.Message):
     """An opaque digest of the running kernel's boot ID: equal on daemons that share one machine (containers,
     network namespaces), so the coordinator times their speed one at a time; "" when unknown.
     """
+    free_memory_bytes: _builtins.int
+    """Memory a new worker could use now: what the kernel and the daemon's cgroup leave free, plus what the
+    device's own job processes hold (a new plan replaces them), at most memory_bytes; 0 until measured.
+    Refreshed every few seconds.
+    """
     def __init__(
         self,
         *,
@@ -62,10 +68,11 @@ class Capabilities(_message.Message):
         block_seconds: _builtins.float = ...,
         power_profile: _builtins.str = ...,
         machine: _builtins.str = ...,
+        free_memory_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "block_seconds", b"block_seconds", "cores", b"cores", "machine", b"machine", "memory_bytes", b"memory_bytes", "power_profile", b"power_profile", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "block_seconds", b"block_seconds", "cores", b"cores", "free_memory_bytes", b"free_memory_bytes", "machine", b"machine", "memory_bytes", b"memory_bytes", "power_profile", b"power_profile", "rank", b"rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
