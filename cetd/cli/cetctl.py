@@ -51,6 +51,10 @@ def _emit(args: argparse.Namespace, data: Any, human: Callable[[Console], None])
         human(Console())
 
 
+def _short(device_id: str) -> str:
+    return device_id.split("-")[0]
+
+
 def _gib(n: int) -> str:
     return f"{n / 1024**3:.1f} GiB" if n else "-"
 
@@ -78,6 +82,7 @@ def view_as_dict(view: HouseholdView) -> dict[str, Any]:
         "coordinator_id": view.coordinator_id,
         "roster_version": view.roster_version,
         "peers": [_peer_row(p) for p in view.peers],
+        "links": [asdict(link) for link in view.links],
     }
 
 
@@ -93,7 +98,7 @@ async def cmd_peers(client: PeerClient, args: argparse.Namespace) -> int:
             caps = p.info.capabilities
             me = " (this)" if p.info.device_id == view.self_id else ""
             table.add_row(
-                p.info.device_id.split("-")[0] + me, p.info.name, p.info.address or "-", p.state, p.role,
+                _short(p.info.device_id) + me, p.info.name, p.info.address or "-", p.state, p.role,
                 str(caps.cores or "-"), _gib(caps.memory_bytes), _gib(caps.free_memory_bytes),
                 caps.accelerator or "-",
                 f"{caps.block_seconds * 1000:.1f}" if caps.block_seconds else "-",
@@ -102,6 +107,15 @@ async def cmd_peers(client: PeerClient, args: argparse.Namespace) -> int:
                 "-" if p.last_seen_s < 0 else f"{p.last_seen_s:.1f}s ago",
             )
         console.print(table)
+        if view.links:
+            links = Table(title="links between devices")
+            for column in ("devices", "MB/s", "latency ms", "measured by"):
+                links.add_column(column, no_wrap=column == "devices")
+            for link in view.links:
+                links.add_row(f"{_short(link.a)} – {_short(link.b)}", f"{link.bandwidth_bytes_per_second / 1e6:.0f}",
+                              f"{link.latency_seconds * 1e3:.2f}",
+                              ", ".join(map(_short, link.measured_by)) or "inferred (both ends' links to this device)")
+            console.print(links)
 
     _emit(args, view_as_dict(view), human)
     return 0

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from datetime import timedelta
 
 from cetd.cluster.election import Claim, Election, ElectionConfig, Role
-from cetd.cluster.link_probes import LinkProbes
+from cetd.cluster.link_probes import LinkProbes, LinkReading, pair_links
 from cetd.cluster.membership import FailureDetectorConfig, MembershipTable, PeerState
 from cetd.errors import CetdError, IdentityError, NotAuthorizedError, UnavailableError
 from cetd.identity import (
@@ -34,6 +34,8 @@ from cetd.transport.peer_info import (
     CommandEnvelope,
     Heartbeat,
     HouseholdView,
+    MeasuredLink,
+    PairLink,
     PeerInfo,
     PeerStatus,
 )
@@ -84,6 +86,9 @@ class HouseholdNode:
         self._pulls: set[asyncio.Task[None]] = set()
         self.links = LinkProbes()
         """Peer → (bandwidth bytes/s, latency s) measured from this daemon: the best of its recent probes."""
+        self.reported_links: dict[DeviceId, dict[str, tuple[float, float]]] = {}
+        """Member → its peer → (bandwidth bytes/s, latency s), as that member's latest heartbeat reported its
+        own probes: with `links`, every pair that either end measured."""
         self.busy: Callable[[], bool] = lambda: False
         """Whether a job process runs here: link probes then wait, so as not to disturb training."""
         self.measuring: Callable[[], bool] = lambda: False
@@ -195,6 +200,9 @@ class HouseholdNode:
         return HouseholdView(
             self_id=self.identity.device_id, term=term, coordinator_id=coordinator,
             roster_version=self.roster.version, peers=tuple(rows + pending),
+            links=tuple(PairLink(a=a, b=b, bandwidth_bytes_per_second=link.bandwidth_bytes_per_second,
+                                 latency_seconds=link.latency_seconds, measured_by=link.measured_by)
+                        for (a, b), link in sorted(self.pair_links().items())),
         )
 
     async def create_invite(self, ttl: timedelta) -> tuple[str, float]:
@@ -234,6 +242,9 @@ class HouseholdNode:
             roster_version=self.roster.version,
             alive=tuple(self.table.alive_info(now).values()),
             uptime_s=now - self._started,
+            links=tuple(MeasuredLink(peer_id=DeviceId(peer), bandwidth_bytes_per_second=bandwidth,
+                                     latency_seconds=latency)
+                        for peer, (bandwidth, latency) in sorted(self.links.items())),
         )
 
     async def run(self) -> None:
@@ -298,6 +309,8 @@ class HouseholdNode:
             previous = self.table.observe(sender.device_id, sender, now)
             if previous is None or previous is PeerState.DEAD:
                 logger.info("peer %s (%s) at %s is alive", sender.device_id, sender.name, sender.address)
+            self.reported_links[sender.device_id] = {
+                str(link.peer_id): (link.bandwidth_bytes_per_second, link.latency_seconds) for link in heartbeat.links}
         self.note_peer(sender)
         self._pending_seen.pop(sender.device_id, None)
         for info in heartbeat.alive:
@@ -336,6 +349,12 @@ class HouseholdNode:
         wanted = set(device_ids)
         for peer in self._unmeasured(p for p in self._alive_peers() if p.device_id in wanted):
             await self.probe_link(peer)
+
+    def pair_links(self) -> dict[tuple[str, str], LinkReading]:
+        """Every pair's link: this daemon's probes and those its members reported (`pair_links`)."""
+        reported = {str(member): table for member, table in self.reported_links.items()
+                    if self.roster.roster.is_member(member)}
+        return pair_links(self.identity.device_id, self.links, reported)
 
     def _alive_peers(self) -> list[PeerInfo]:
         """The peers alive now, in device-ID order."""

@@ -6,7 +6,6 @@ the numbers the planner sees are defined in one place.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -84,18 +83,12 @@ def member_offers(node: HouseholdNode, description: ModelDescription | None = No
 
 
 def planning_inputs(node: HouseholdNode, offers: list[DeviceOffer]) -> tuple[dict[str, PowerProfile], dict[Any, Link]]:
-    """Power profiles of the offered devices and the links this daemon has measured."""
+    """Power profiles of the offered devices and every pair's link, measured by either end where one did
+    (`HouseholdNode.pair_links`)."""
     profiles = {o.device_id: power_profile(o.power_profile) for o in offers}
-    me = node.identity.device_id
-    measured = {str(peer): Link(bandwidth_bytes_per_second=bandwidth, latency_seconds=latency)
-                for peer, (bandwidth, latency) in node.links.items() if bandwidth > 0}
-    links: dict[Any, Link] = {(me, peer): link for peer, link in measured.items()}
-    # This daemon measures only its own links. A home network is a star around the access point, so a
-    # path between two others is taken as the slower of their paths to this device.
-    for a, b in itertools.combinations(sorted(measured), 2):
-        links[(a, b)] = Link(bandwidth_bytes_per_second=min(measured[a].bandwidth_bytes_per_second,
-                                                            measured[b].bandwidth_bytes_per_second),
-                             latency_seconds=max(measured[a].latency_seconds, measured[b].latency_seconds))
+    links: dict[Any, Link] = {pair: Link(bandwidth_bytes_per_second=link.bandwidth_bytes_per_second,
+                                         latency_seconds=link.latency_seconds)
+                              for pair, link in node.pair_links().items()}
     return profiles, links
 
 

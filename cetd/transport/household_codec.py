@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 from cetd.identity import SignedRoster
 from cetd.ids import DeviceId, Term
 from cetd.transport.peer_info import (
@@ -11,6 +14,8 @@ from cetd.transport.peer_info import (
     EnrollStatus,
     Heartbeat,
     HouseholdView,
+    MeasuredLink,
+    PairLink,
     PeerInfo,
     PeerStatus,
 )
@@ -60,6 +65,20 @@ def peer_from_wire(msg: pb.DeviceInfo) -> PeerInfo:
     )
 
 
+def link_to_wire(link: MeasuredLink) -> pb.MeasuredLink:
+    return pb.MeasuredLink(peer_id=link.peer_id, bandwidth_bytes_per_second=link.bandwidth_bytes_per_second,
+                           latency_seconds=link.latency_seconds)
+
+
+def links_from_wire(messages: Iterable[pb.MeasuredLink]) -> tuple[MeasuredLink, ...]:
+    """The links a heartbeat reports; one that no probe could have measured (no peer, a bandwidth that is not
+    positive and finite, a negative or non-finite latency) is dropped rather than planned on."""
+    return tuple(MeasuredLink(peer_id=DeviceId(m.peer_id), bandwidth_bytes_per_second=m.bandwidth_bytes_per_second,
+                              latency_seconds=m.latency_seconds)
+                 for m in messages
+                 if m.peer_id and 0 < m.bandwidth_bytes_per_second < math.inf and 0 <= m.latency_seconds < math.inf)
+
+
 def heartbeat_to_request(hb: Heartbeat, protocol_version: int) -> pb.HeartbeatRequest:
     return pb.HeartbeatRequest(
         protocol_version=protocol_version,
@@ -70,6 +89,7 @@ def heartbeat_to_request(hb: Heartbeat, protocol_version: int) -> pb.HeartbeatRe
         coordinator_rank=hb.coordinator_rank,
         alive=[peer_to_wire(p) for p in hb.alive],
         uptime_s=hb.uptime_s,
+        links=[link_to_wire(link) for link in hb.links],
     )
 
 
@@ -82,6 +102,7 @@ def heartbeat_from_request(msg: pb.HeartbeatRequest) -> Heartbeat:
         coordinator_rank=msg.coordinator_rank,
         alive=tuple(peer_from_wire(p) for p in msg.alive),
         uptime_s=msg.uptime_s,
+        links=links_from_wire(msg.links),
     )
 
 
@@ -94,6 +115,7 @@ def heartbeat_to_response(hb: Heartbeat) -> pb.HeartbeatResponse:
         coordinator_rank=hb.coordinator_rank,
         alive=[peer_to_wire(p) for p in hb.alive],
         uptime_s=hb.uptime_s,
+        links=[link_to_wire(link) for link in hb.links],
     )
 
 
@@ -106,6 +128,7 @@ def heartbeat_from_response(msg: pb.HeartbeatResponse) -> Heartbeat:
         coordinator_rank=msg.coordinator_rank,
         alive=tuple(peer_from_wire(p) for p in msg.alive),
         uptime_s=msg.uptime_s,
+        links=links_from_wire(msg.links),
     )
 
 
@@ -199,6 +222,9 @@ def view_to_wire(view: HouseholdView) -> pb.ListPeersResponse:
         term=view.term,
         coordinator_id=view.coordinator_id or "",
         roster_version=view.roster_version,
+        links=[pb.PairLink(a=link.a, b=link.b, bandwidth_bytes_per_second=link.bandwidth_bytes_per_second,
+                           latency_seconds=link.latency_seconds, measured_by=list(link.measured_by))
+               for link in view.links],
     )
 
 
@@ -209,4 +235,7 @@ def view_from_wire(msg: pb.ListPeersResponse) -> HouseholdView:
         coordinator_id=DeviceId(msg.coordinator_id) if msg.coordinator_id else None,
         roster_version=msg.roster_version,
         peers=tuple(peer_status_from_wire(p) for p in msg.peers),
+        links=tuple(PairLink(a=link.a, b=link.b, bandwidth_bytes_per_second=link.bandwidth_bytes_per_second,
+                             latency_seconds=link.latency_seconds, measured_by=tuple(link.measured_by))
+                    for link in msg.links),
     )

@@ -48,6 +48,15 @@ class PeerInfo:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MeasuredLink:
+    """One device's link to a peer, as that device's probes measured it (`cetd.cluster.link_probes`)."""
+
+    peer_id: DeviceId
+    bandwidth_bytes_per_second: float
+    latency_seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     """One side of a heartbeat exchange: who I am, whom I follow, what roster I hold, whom I see."""
 
@@ -58,6 +67,8 @@ class Heartbeat:
     coordinator_rank: float = 0.0
     alive: tuple[PeerInfo, ...] = ()
     uptime_s: float = 0.0
+    links: tuple[MeasuredLink, ...] = ()
+    """The sender's links to its peers as its probes measured them."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,6 +124,19 @@ class PeerStatus:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PairLink:
+    """The link between devices ``a`` and ``b`` (``a < b``) as `cetctl peers` shows it
+    (`cetd.cluster.link_probes.LinkReading`)."""
+
+    a: str
+    b: str
+    bandwidth_bytes_per_second: float
+    latency_seconds: float
+    measured_by: tuple[str, ...] = ()
+    """The ends whose probes measured it; () where it is inferred from both ends' links to the viewer."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HouseholdView:
     """What `cetctl peers` shows: every member as this daemon sees it."""
 
@@ -121,3 +145,5 @@ class HouseholdView:
     coordinator_id: DeviceId | None
     roster_version: int
     peers: tuple[PeerStatus, ...] = field(default_factory=tuple)
+    links: tuple[PairLink, ...] = ()
+    """Every pair's link that this daemon knows, measured or inferred."""

@@ -150,6 +150,7 @@ class HeartbeatRequest(_message.Message):
     ALIVE_FIELD_NUMBER: _builtins.int
     UPTIME_S_FIELD_NUMBER: _builtins.int
     COORDINATOR_RANK_FIELD_NUMBER: _builtins.int
+    LINKS_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     term: _builtins.int
     coordinator_id: _builtins.str
@@ -164,6 +165,12 @@ class HeartbeatRequest(_message.Message):
     def alive(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceInfo]:
         """Members the sender currently believes alive, so that addresses spread without mDNS."""
 
+    @_builtins.property
+    def links(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeasuredLink]:
+        """The sender's links to its peers, as its probes measured them: the coordinator plans every pair on
+        what one of its two ends measured, not only its own links.
+        """
+
     def __init__(
         self,
         *,
@@ -175,14 +182,40 @@ class HeartbeatRequest(_message.Message):
         alive: _abc.Iterable[Global___DeviceInfo] | None = ...,
         uptime_s: _builtins.float = ...,
         coordinator_rank: _builtins.float = ...,
+        links: _abc.Iterable[Global___MeasuredLink] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sender", b"sender"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "coordinator_id", b"coordinator_id", "coordinator_rank", b"coordinator_rank", "protocol_version", b"protocol_version", "roster_version", b"roster_version", "sender", b"sender", "term", b"term", "uptime_s", b"uptime_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "coordinator_id", b"coordinator_id", "coordinator_rank", b"coordinator_rank", "links", b"links", "protocol_version", b"protocol_version", "roster_version", b"roster_version", "sender", b"sender", "term", b"term", "uptime_s", b"uptime_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class MeasuredLink(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_ID_FIELD_NUMBER: _builtins.int
+    BANDWIDTH_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    LATENCY_SECONDS_FIELD_NUMBER: _builtins.int
+    peer_id: _builtins.str
+    bandwidth_bytes_per_second: _builtins.float
+    latency_seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        peer_id: _builtins.str = ...,
+        bandwidth_bytes_per_second: _builtins.float = ...,
+        latency_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_bytes_per_second", b"bandwidth_bytes_per_second", "latency_seconds", b"latency_seconds", "peer_id", b"peer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MeasuredLink: _TypeAlias = MeasuredLink  # noqa: Y015
 
 @_typing.final
 class HeartbeatResponse(_message.Message):
@@ -195,6 +228,7 @@ class HeartbeatResponse(_message.Message):
     ALIVE_FIELD_NUMBER: _builtins.int
     UPTIME_S_FIELD_NUMBER: _builtins.int
     COORDINATOR_RANK_FIELD_NUMBER: _builtins.int
+    LINKS_FIELD_NUMBER: _builtins.int
     term: _builtins.int
     coordinator_id: _builtins.str
     roster_version: _builtins.int
@@ -204,6 +238,8 @@ class HeartbeatResponse(_message.Message):
     def responder(self) -> Global___DeviceInfo: ...
     @_builtins.property
     def alive(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceInfo]: ...
+    @_builtins.property
+    def links(self) -> _containers.RepeatedCompositeFieldContainer[Global___MeasuredLink]: ...
     def __init__(
         self,
         *,
@@ -214,10 +250,11 @@ class HeartbeatResponse(_message.Message):
         alive: _abc.Iterable[Global___DeviceInfo] | None = ...,
         uptime_s: _builtins.float = ...,
         coordinator_rank: _builtins.float = ...,
+        links: _abc.Iterable[Global___MeasuredLink] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["responder", b"responder"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "coordinator_id", b"coordinator_id", "coordinator_rank", b"coordinator_rank", "responder", b"responder", "roster_version", b"roster_version", "term", b"term", "uptime_s", b"uptime_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "coordinator_id", b"coordinator_id", "coordinator_rank", b"coordinator_rank", "links", b"links", "responder", b"responder", "roster_version", b"roster_version", "term", b"term", "uptime_s", b"uptime_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -514,12 +551,17 @@ class ListPeersResponse(_message.Message):
     TERM_FIELD_NUMBER: _builtins.int
     COORDINATOR_ID_FIELD_NUMBER: _builtins.int
     ROSTER_VERSION_FIELD_NUMBER: _builtins.int
+    LINKS_FIELD_NUMBER: _builtins.int
     self_id: _builtins.str
     term: _builtins.int
     coordinator_id: _builtins.str
     roster_version: _builtins.int
     @_builtins.property
     def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PeerStatus]: ...
+    @_builtins.property
+    def links(self) -> _containers.RepeatedCompositeFieldContainer[Global___PairLink]:
+        """Every pair of devices whose link this daemon knows: measured by one or both ends, or inferred."""
+
     def __init__(
         self,
         *,
@@ -528,14 +570,49 @@ class ListPeersResponse(_message.Message):
         term: _builtins.int = ...,
         coordinator_id: _builtins.str = ...,
         roster_version: _builtins.int = ...,
+        links: _abc.Iterable[Global___PairLink] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator_id", b"coordinator_id", "peers", b"peers", "roster_version", b"roster_version", "self_id", b"self_id", "term", b"term"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator_id", b"coordinator_id", "links", b"links", "peers", b"peers", "roster_version", b"roster_version", "self_id", b"self_id", "term", b"term"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListPeersResponse: _TypeAlias = ListPeersResponse  # noqa: Y015
+
+@_typing.final
+class PairLink(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    A_FIELD_NUMBER: _builtins.int
+    B_FIELD_NUMBER: _builtins.int
+    BANDWIDTH_BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    LATENCY_SECONDS_FIELD_NUMBER: _builtins.int
+    MEASURED_BY_FIELD_NUMBER: _builtins.int
+    a: _builtins.str
+    b: _builtins.str
+    bandwidth_bytes_per_second: _builtins.float
+    latency_seconds: _builtins.float
+    @_builtins.property
+    def measured_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ends whose probes measured it; empty where it is inferred from both ends' links to this daemon."""
+
+    def __init__(
+        self,
+        *,
+        a: _builtins.str = ...,
+        b: _builtins.str = ...,
+        bandwidth_bytes_per_second: _builtins.float = ...,
+        latency_seconds: _builtins.float = ...,
+        measured_by: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["a", b"a", "b", b"b", "bandwidth_bytes_per_second", b"bandwidth_bytes_per_second", "latency_seconds", b"latency_seconds", "measured_by", b"measured_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairLink: _TypeAlias = PairLink  # noqa: Y015
 
 @_typing.final
 class CreateInviteRequest(_message.Message):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,25 @@ def test_profile_and_links_are_measured_and_shown(household: Household) -> None:
                        what="a measured link")
     assert links[0]["bandwidth_bytes_per_second"] > 1e6  # loopback over mutual TLS: well above 1 MB/s
     assert 0 < links[0]["latency_seconds"] < 0.5
+
+
+@pytest.mark.timeout(180)
+def test_every_pairs_link_is_measured_by_one_of_its_ends_and_shown(household: Household) -> None:
+    # Daemon 0 never probes the link between devices 1 and 2; they do, and say so in their heartbeats.
+    one, two = (str(d.device_id) for d in household.daemons[1:])
+    pair = tuple(sorted((one, two)))
+
+    def measured_pair() -> dict[str, Any] | None:
+        links = household.daemons[0].peers()["links"]
+        return next((link for link in links if (link["a"], link["b"]) == pair and link["measured_by"]), None)
+
+    link = wait_until(measured_pair, 150, interval=1, what="devices 1 and 2 to report their link")
+    assert set(link["measured_by"]) <= {one, two}
+    assert link["bandwidth_bytes_per_second"] > 1e6  # loopback over mutual TLS
+    assert 0 <= link["latency_seconds"] < 0.5
+    shown = subprocess.run([sys.executable, "-m", "cetd.cli.cetctl", "--state-dir", str(household.daemons[0].state_dir),
+                            "peers"], capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "links between devices" in shown
 
 
 @pytest.mark.timeout(180)
