@@ -1,25 +1,28 @@
 """Predicted step time, memory and energy of a plan: what the planner compares candidate plans by.
 
 Inputs per device: seconds per transformer block forward+backward per sample, the embedding's and the
-head's cost in blocks and one AdamW step's seconds per parameter (each device times the job's own shapes,
-`cetd.runtime.profiling`; else estimated from its cores), memory, power profile; per device pair:
-bandwidth and latency. Every plan's step ends with each worker's AdamW step over its share's parameters,
-so the slowest of those is added to the step.
+head's cost in blocks, one AdamW step's seconds per parameter and a message's CPU cost (each device times
+the job's own shapes, `cetd.runtime.profiling`; else estimated from its cores), memory, power profile;
+per device pair: bandwidth and latency. Every plan's step ends with each worker's AdamW step over its
+share's parameters.
 The model, per parallelism (b samples per micro-batch, M micro-batches, S stages, L blocks):
 
-- pipeline: stages and the links between them are a chain of resources each micro-batch passes; with
-  per-micro-batch times r_i the step takes Σ r_i + (M − 1) × max r_i (the bubble: (M + S − 1) × max for
-  balanced stages). A stage's time is b × its device's block seconds × (its blocks, plus the
-  embedding's and head's extra load on the first and last stage); a link's is one activation forward and
-  one gradient back (Wi-Fi is half duplex). Memory: GPipe keeps all M micro-batches' activations,
-  1F1B at most S − s on stage s.
+- pipeline, data and pipeline × data: the step is replayed as a graph of each worker's work in the order
+  its code runs it (`cetd.cluster.step_graph`): it takes in its micro-batches from the driver, runs its
+  schedule's forwards (1/3 of a block's time) and backwards (2/3) as they become possible, each link
+  carrying one activation or gradient at a time, then joins the replicas' loss all-gather, its chain's
+  loss broadcast, the tied-weight sum between first and last stage, its stage's gradient all-reduce
+  across replicas (every ``sync_every`` steps), and steps its optimizer. The step is when the last of
+  them finishes, plus the driver's round trip. So work that overlaps in the real run (one worker's intake
+  while another computes, the last stage's all-reduce while the first still runs backwards) is not added
+  up; for balanced stages and free links this is the familiar (M + S − 1) × stage time. A stage's time is
+  b × its device's block seconds × (its blocks, plus the embedding's and head's extra load on the first
+  and last stage), plus its CPU for the activations and gradients it sends and receives. Memory: GPipe
+  keeps all M micro-batches' activations, 1F1B at most S − s on stage s. Data-parallel replicas train the
+  micro-batches split evenly, so the slowest sets the pace.
 - tensor: every block of every micro-batch waits for 4 ring all-reduces of the activation
-  (2(k−1)/k × bytes / bandwidth + 2(k−1) × latency each): communication-bound on home networks.
-- data: each replica trains its share of the micro-batches (split evenly, so the slowest sets the
-  pace), then a ring all-reduce of the gradients (2(N−1)/N × parameter bytes / bandwidth) every
-  ``sync_every`` steps.
-- pipeline × data: replicas of a pipeline (workers with the same stage and different ``dp_index``),
-  each on its share of the micro-batches, then each stage's gradients all-reduced across replicas.
+  (2(k−1)/k × bytes / bandwidth + 2(k−1) × latency each): communication-bound on home networks; then the
+  slowest worker's optimizer step, the driver's round trip and the micro-batch intake are added.
 
 Energy uses `cetd.cluster.power`'s stated model: each taking-part device is on for the whole step
 (idle watts), busy for its compute time (watts per core × cores, or its accelerator's watts), and pays
@@ -28,7 +31,7 @@ per byte it sends and receives. Predictions are labelled as such; measurements r
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cetd.cluster.device_offer import (
@@ -40,8 +43,10 @@ from cetd.cluster.device_offer import (
     speed_source,
 )
 from cetd.cluster.power import BUILTIN_PROFILES, PowerProfile
+from cetd.cluster.step_graph import StepGraph
 from cetd.cluster.transport_costs import BUCKET_BYTES, Messaging, ring_all_reduce_seconds
 from cetd.errors import JobError
+from cetd.runtime.schedules import ActionKind, build_schedule
 from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, WorkerAssignment
 
 __all__ = [
@@ -286,12 +291,10 @@ def predict(spec: JobSpec, description: ModelDescription, plan: JobPlan, offers:
     timing: _Timing
     if plan.parallelism == "tensor":
         timing = _tensor(spec, description, costs, plan.workers, speed, links, by_id)
-    elif plan.parallelism == "data" or plan.parallelism == "single":
-        timing = _data(spec, description, costs, plan.workers, speed, links, by_id)
+        _add_optimizer_steps(timing, description, costs, plan, by_id)
+        _add_step_overhead(timing, spec, plan, links, by_id)
     else:
-        timing = _pipelines(spec, description, costs, plan.workers, speed, links, by_id)
-    _add_optimizer_steps(timing, description, costs, plan, by_id)
-    _add_step_overhead(timing, spec, plan, links, by_id)
+        timing = _replicated(spec, description, costs, plan, speed, links, by_id)
     joules: dict[str, float] = {}
     for device_id in timing.memory:
         offer, profile = by_id[device_id], power_profile(by_id[device_id], profiles)
@@ -351,29 +354,6 @@ def _slowest_link(links: LinkMap | None, members: Sequence[DeviceOffer]) -> Link
                key=lambda link: link.bandwidth_bytes_per_second, default=DEFAULT_LINK)
 
 
-def _data(spec: JobSpec, description: ModelDescription, costs: ModelCosts, workers: Sequence[WorkerAssignment],
-          speed: Mapping[str, float], links: LinkMap | None, offers: Mapping[str, DeviceOffer]) -> _Timing:
-    timing = _Timing()
-    ordered = sorted(workers, key=lambda w: w.dp_index)
-    shares = _split(spec.micro_batches, len(ordered))
-    per_sample = description.num_blocks + costs.embedding_blocks + costs.head_blocks
-    members = [offers[w.device_id] for w in ordered]
-    sync, sent = _gradient_sync(spec, description.parameter_count, costs.number_bytes, members, links)
-    memory = stage_memory(spec, costs, blocks=description.num_blocks, first=True, last=True, in_flight=1)
-    slowest = 0.0
-    for worker, share in zip(ordered, shares, strict=True):
-        busy = share * _micro(spec) * per_sample * speed[worker.device_id]
-        timing.add(worker.device_id, memory=memory, busy=busy, sent=sent, received=sent)
-        if busy >= slowest:
-            slowest, timing.bottleneck = busy, worker.device_id
-    # The replicas agree on the step's loss (an all-gather of their micro-batch losses) before stepping.
-    agree = (len(members) - 1) * _hop(links, members)
-    timing.step = slowest + sync + agree
-    if len(ordered) > 1:
-        timing.notes.append(f"gradient all-reduce {sync:.3f} s per step (every {spec.sync_every} step(s))")
-    return timing
-
-
 def _hop(links: LinkMap | None, members: Sequence[DeviceOffer], nbytes: float = 64.0) -> float:
     """One small message among ``members``: the slower of the slowest link and the costliest CPU."""
     link = _slowest_link(links, members)
@@ -419,7 +399,8 @@ def _shard_block_seconds(whole: float, offer: DeviceOffer, fraction: float) -> f
 
 
 def pipeline_seconds(stage_times: Sequence[float], link_times: Sequence[float], micro_batches: int) -> float:
-    """Σ r_i + (M − 1) × max r_i over the chain of stages and links (the bubble-aware makespan)."""
+    """Σ r_i + (M − 1) × max r_i over the chain of stages and links (the bubble-aware makespan): what the
+    planner's boundary search minimises; the forecast itself replays the step (`_replicated`)."""
     resources = [*stage_times, *link_times]
     return sum(resources) + (micro_batches - 1) * max(resources)
 
@@ -437,62 +418,119 @@ def stage_message_seconds(costs: ModelCosts, micro: int, offer: DeviceOffer, *, 
     return messaging(offer).ends(ends, costs.boundary_bytes_per_sample * micro)
 
 
-def _pipelines(spec: JobSpec, description: ModelDescription, costs: ModelCosts,
-               workers: Sequence[WorkerAssignment], speed: Mapping[str, float], links: LinkMap | None,
-               offers: Mapping[str, DeviceOffer]) -> _Timing:
+FORWARD_SHARE = 1 / 3
+"""A forward's share of a block's forward+backward time (the backward computes two gradients per weight)."""
+
+
+def _replicated(spec: JobSpec, description: ModelDescription, costs: ModelCosts, plan: JobPlan,
+                speed: Mapping[str, float], links: LinkMap | None, offers: Mapping[str, DeviceOffer]) -> _Timing:
+    """Data-parallel, pipeline and pipeline × data plans (a single device is one replica of one stage),
+    replayed as a `StepGraph`: each worker takes in its micro-batches, runs its schedule, joins the loss
+    agreement and the gradient all-reduces, and steps its optimizer, every part at its own pace."""
     timing = _Timing()
     replicas: dict[int, list[WorkerAssignment]] = {}
-    for worker in workers:
+    for worker in plan.workers:
         replicas.setdefault(worker.dp_index, []).append(worker)
-    shares = _split(spec.micro_batches, len(replicas))
+    chains = [sorted(chain, key=lambda w: w.stage) for _, chain in sorted(replicas.items())]
+    shares = _split(spec.micro_batches, len(chains))
     micro = _micro(spec)
-    slowest, agree = 0.0, 0.0
-    for (_, chain), share in zip(sorted(replicas.items()), shares, strict=True):
-        chain.sort(key=lambda w: w.stage)
+    tokens = micro * spec.seq_len * 8
+    graph = StepGraph()
+    for replica, (chain, share) in enumerate(zip(chains, shares, strict=True)):
         stages = len(chain)
-        stage_times, link_times = [], []
-        boundary = costs.boundary_bytes_per_sample * micro * share
+        boundary = costs.boundary_bytes_per_sample * micro
+        schedule = build_schedule(spec.schedule, stages, share) if share else [[] for _ in chain]
         for position, worker in enumerate(chain):
+            device_id, offer = worker.device_id, offers[worker.device_id]
             first, last = position == 0, position == stages - 1
             load = (worker.end_block - worker.start_block + (costs.embedding_blocks if first else 0.0)
                     + (costs.head_blocks if last else 0.0))
-            stage_times.append(micro * speed[worker.device_id] * load
-                               + stage_message_seconds(costs, micro, offers[worker.device_id], first=first, last=last))
-            if not last:
-                link_times.append(boundary_seconds(costs, micro, link_between(links, worker.device_id,
-                                                                              chain[position + 1].device_id)))
-            sent = boundary * ((not last) + (not first))
+            compute = micro * speed[device_id] * load
+            # Per micro-batch, a forward receives an activation (not on the first stage) and sends one (not
+            # on the last); a backward receives a gradient (not on the last) and sends one (not on the first).
+            message = messaging(offer).ends((not first) + (not last), boundary)
+            intake = messaging(offer).ends(3 * share, tokens)
+            graph.add(("intake", device_id), device_id, intake)
+            busy = intake
+            for action in schedule[position]:
+                forward = action.kind is ActionKind.FORWARD
+                seconds = compute * (FORWARD_SHARE if forward else 1 - FORWARD_SHARE) + message
+                busy += seconds
+                after: list[tuple[Hashable, float]] = []
+                if forward and not first:
+                    source = ("F", replica, position - 1, action.micro_batch)
+                    after.append(_transfer(graph, links, source, chain[position - 1].device_id, device_id, boundary))
+                if not forward and not last:
+                    source = ("B", replica, position + 1, action.micro_batch)
+                    after.append(_transfer(graph, links, source, chain[position + 1].device_id, device_id, boundary))
+                graph.add((action.kind.value, replica, position, action.micro_batch), device_id, seconds, after=after)
+            sent = share * boundary * ((not last) + (not first))
             # A replica keeps only its own share of the micro-batches in flight.
             keep = share if spec.schedule == "gpipe" else min(share, in_flight(spec, position, stages))
             memory = stage_memory(spec, costs, blocks=worker.end_block - worker.start_block, first=first, last=last,
                                   in_flight=keep)
-            timing.add(worker.device_id, memory=memory, busy=share * stage_times[-1], sent=sent, received=sent)
-        seconds = pipeline_seconds(stage_times, link_times, share) if share else 0.0
-        if stages > 1:
-            # The last stage tells the others the step's loss; a tied weight's gradients are summed
-            # between the first and last stage.
-            ends = [offers[chain[0].device_id], offers[chain[-1].device_id]]
-            tied = costs.last_parameters * costs.number_bytes if _tied(description) else 0
-            agree = max(agree, _hop(links, ends) + ring_seconds(tied, ends, _slowest_link(links, ends)))
-        if seconds >= slowest:
-            slowest = seconds
-            worst = max(range(len(stage_times) + len(link_times)), key=lambda i: [*stage_times, *link_times][i])
-            timing.bottleneck = (chain[worst].device_id if worst < stages else
-                                 f"link {chain[worst - stages].device_id}-{chain[worst - stages + 1].device_id}")
+            timing.add(device_id, memory=memory, busy=busy, sent=sent, received=sent)
+    members = [offers[w.device_id] for w in plan.workers]
+    # The replicas' last stages all-gather their losses; each chain's last stage tells the chain.
+    ends = [chain[-1].device_id for chain in chains]
+    if len(ends) > 1:
+        graph.add("loss", ends, (len(ends) - 1) * _hop(links, [offers[d] for d in ends]))
+    for replica, chain in enumerate(chains):
+        if len(chain) > 1:
+            ids = [w.device_id for w in chain]
+            graph.add(("verdict", replica), ids, _hop(links, [offers[d] for d in ids]))
+            if _tied(description):
+                # A tied weight's gradients are summed between the first and the last stage.
+                pair = [offers[chain[0].device_id], offers[chain[-1].device_id]]
+                tied = ring_seconds(costs.last_parameters * costs.number_bytes, pair, _slowest_link(links, pair))
+                graph.add(("tied", replica), [d.device_id for d in pair], tied)
     sync = 0.0
-    if len(replicas) > 1:
-        for stage in range(max(len(c) for c in replicas.values())):
-            group = [w for c in replicas.values() for w in c if w.stage == stage]
-            params = _stage_parameters(costs, group[0], stage, len(replicas[group[0].dp_index]))
+    if len(chains) > 1:
+        for stage in range(max(len(c) for c in chains)):
+            group = [c[stage] for c in chains if stage < len(c)]
+            params = _stage_parameters(costs, group[0], stage, len(chains[0])) if len(chains[0]) > 1 \
+                else description.parameter_count
             seconds, volume = _gradient_sync(spec, params, costs.number_bytes, [offers[w.device_id] for w in group],
                                              links)
+            graph.add(("sync", stage), [w.device_id for w in group], seconds)
             sync = max(sync, seconds)
             for worker in group:
                 timing.sent[worker.device_id] += volume
                 timing.received[worker.device_id] += volume
-        timing.notes.append(f"{len(replicas)} pipeline replicas; gradient all-reduce {sync:.3f} s per step")
-    timing.step = slowest + agree + sync
+        kind = "pipeline replicas" if len(chains[0]) > 1 else "data-parallel replicas"
+        timing.notes.append(f"{len(chains)} {kind}; gradient all-reduce {sync:.3f} s per step "
+                            f"(every {spec.sync_every} step(s))")
+    slowest = 0.0
+    for worker in plan.workers:
+        seconds = (_worker_parameters(description, costs, plan, worker)
+                   * optimizer_seconds_per_parameter(offers[worker.device_id]))
+        graph.add(("optimizer", worker.device_id), worker.device_id, seconds)
+        timing.busy[worker.device_id] += seconds
+        slowest = max(slowest, seconds)
+    replay = graph.replay()
+    # The driver hears the loss, then sends the next step's control and micro-batches: two hops.
+    round_trip = 2 * _hop(links, members)
+    timing.step = replay.makespan + round_trip
+    timing.bottleneck = replay.bottleneck
+    if slowest > 0:
+        timing.notes.append(f"optimizer step {slowest:.3f} s")
+    timing.notes.append(f"driver round trip {round_trip:.3f} s per step")
     return timing
+
+
+def _transfer(graph: StepGraph, links: LinkMap | None, producer: tuple[str, int, int, int], source: str,
+              target: str, nbytes: float) -> tuple[Hashable, float]:
+    """``producer``'s output sent from ``source`` to ``target`` over their link, one direction of which
+    carries one tensor at a time (a half-duplex link, both directions: each takes twice as long).
+
+    Returns:
+        The (task, latency) that the receiving task waits for.
+    """
+    link = link_between(links, source, target)
+    seconds = nbytes / link.bandwidth_bytes_per_second * (2 if link.half_duplex else 1)
+    name = ("send", *producer)
+    graph.add(name, f"link {source}-{target}", seconds, after=[(producer, 0.0)])
+    return name, link.latency_seconds
 
 
 def _tied(description: ModelDescription) -> bool:
@@ -501,17 +539,12 @@ def _tied(description: ModelDescription) -> bool:
 
 def _add_step_overhead(timing: _Timing, spec: JobSpec, plan: JobPlan, links: LinkMap | None,
                        offers: Mapping[str, DeviceOffer]) -> None:
-    """What every step adds outside the schedule: the driver hears the loss, then sends the next step's
-    control and micro-batches (two hops), and each worker takes in its micro-batches' fields."""
+    """What a tensor-parallel step adds outside its blocks: the driver hears the loss, then sends the next
+    step's control and micro-batches (two hops), and each worker takes in every micro-batch's fields."""
     members = [offers[w.device_id] for w in plan.workers]
-    # The micro-batches split among data-parallel copies (pipeline replicas, or data-parallel workers);
-    # every tensor-parallel worker takes them all.
-    copies = {"pipeline": len({w.dp_index for w in plan.workers}), "data": len(plan.workers)}.get(plan.parallelism, 1)
-    local = -(-spec.micro_batches // copies)
     tokens = _micro(spec) * spec.seq_len * 8
-    intakes = {w.device_id: messaging(offers[w.device_id]).ends(3 * local, tokens) for w in plan.workers}
-    round_trip = 2 * _hop(links, members)
-    overhead = round_trip + max(intakes.values())
+    intakes = {w.device_id: messaging(offers[w.device_id]).ends(3 * spec.micro_batches, tokens) for w in plan.workers}
+    overhead = 2 * _hop(links, members) + max(intakes.values())
     timing.step += overhead
     for device_id, seconds in intakes.items():
         timing.busy[device_id] += seconds
@@ -531,7 +564,7 @@ def _worker_parameters(description: ModelDescription, costs: ModelCosts, plan: J
 
 def _add_optimizer_steps(timing: _Timing, description: ModelDescription, costs: ModelCosts, plan: JobPlan,
                          offers: Mapping[str, DeviceOffer]) -> None:
-    """Every worker ends the step with AdamW over its parameters; the step waits for the slowest."""
+    """Every tensor-parallel worker ends the step with AdamW over its slice; the step waits for the slowest."""
     slowest = 0.0
     for worker in plan.workers:
         seconds = (_worker_parameters(description, costs, plan, worker)

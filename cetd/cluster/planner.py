@@ -127,13 +127,48 @@ class _Search:
     def value(self, candidate: PlannedJob) -> float:
         return self.score(candidate)[0]
 
-    def consider(self, plan: JobPlan) -> None:
+    def consider(self, plan: JobPlan) -> PlannedJob | None:
+        """Forecast ``plan`` and keep it if it fits every device's memory (returned, else None)."""
         self.tried += 1
         prediction = predict(self.spec, self.description, plan, self.offers, links=self.links,
                              profiles=self.profiles, costs=self.costs)
         limits = {o.device_id: o.memory_bytes for o in self.offers}
-        if all(need <= limits[d] for d, need in prediction.memory_bytes.items()):
-            self.found.append(PlannedJob(plan=plan, prediction=prediction))
+        if not all(need <= limits[d] for d, need in prediction.memory_bytes.items()):
+            return None
+        found = PlannedJob(plan=plan, prediction=prediction)
+        self.found.append(found)
+        return found
+
+    def consider_pipelines(self, chains: Sequence[Sequence[DeviceOffer]], ranges: Sequence[tuple[int, int]]) -> None:
+        """Consider ``chains`` (pipeline replicas) sharing the stage boundaries ``ranges``, then move one
+        boundary by one block at a time while the forecast improves.
+
+        `_partition` is exact for the bubble formula Σ r + (M − 1) × max r; the forecast replays the step
+        (`cetd.cluster.step_graph`), where forwards, backwards, intake and all-reduces overlap, so its
+        optimum can sit a block or two away.
+        """
+        best = self.consider(self._pipelines(chains, ranges))
+        current = list(ranges)
+        while best is not None:
+            moves = []
+            for b in range(len(current) - 1):
+                for shift in (-1, 1):
+                    cut = current[b][1] + shift
+                    if current[b][0] < cut < current[b + 1][1]:
+                        moved = [*current[:b], (current[b][0], cut), (cut, current[b + 1][1]), *current[b + 2:]]
+                        found = self.consider(self._pipelines(chains, moved))
+                        if found is not None:
+                            moves.append((self.score(found), moved, found))
+            improving = [m for m in moves if m[0] < self.score(best)]
+            if not improving:
+                return
+            _, current, best = min(improving, key=lambda m: m[0])
+
+    def _pipelines(self, chains: Sequence[Sequence[DeviceOffer]], ranges: Sequence[tuple[int, int]]) -> JobPlan:
+        stages = len(ranges)
+        workers = [w for r, chain in enumerate(chains)
+                   for w in pipeline_plan(self.spec, chain, ranges, replica=r, first_rank=r * stages + 1).workers]
+        return _plan("pipeline", workers, self.spec)
 
 
 def _plan(parallelism: Parallelism, workers: Iterable[WorkerAssignment], spec: JobSpec) -> JobPlan:
@@ -314,7 +349,7 @@ def _search_pipeline(search: _Search) -> None:
             for chain in _orders(search, group):
                 ranges = _partition(search, _stage_limits(search, [chain]), search.spec.micro_batches)
                 if ranges is not None:
-                    search.consider(pipeline_plan(search.spec, chain, ranges))
+                    search.consider_pipelines([chain], ranges)
 
 
 def _replica_counts(search: _Search) -> range:
@@ -354,12 +389,8 @@ def _search_hybrid(search: _Search) -> None:
                     dealt = [column[::-1] if snake and k % 2 else column for k, column in enumerate(order)]
                     chains = [[column[r] for column in dealt] for r in range(replicas)]
                     ranges = _partition(search, _stage_limits(search, chains), share)
-                    if ranges is None:
-                        continue
-                    workers = [w for r, chain in enumerate(chains)
-                               for w in pipeline_plan(spec, chain, ranges, replica=r,
-                                                      first_rank=r * stages + 1).workers]
-                    search.consider(_plan("pipeline", workers, spec))
+                    if ranges is not None:
+                        search.consider_pipelines(chains, ranges)
 
 
 def _check_replicas(spec: JobSpec, description: ModelDescription, offers: Sequence[DeviceOffer]) -> None:

@@ -1,7 +1,7 @@
 """cetd.cluster imports in a fresh interpreter without torch, grpc or the transport layer.
 
-The planner may use the torch-free job contract (`cetd.runtime.spec`, a layer below); nothing else of
-the runtime.
+The planner may use the torch-free job contract (`cetd.runtime.spec`, a layer below) and the pipeline
+schedules it replays to cost a plan (`cetd.runtime.schedules`, plain data); nothing else of the runtime.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 FORBIDDEN = ("torch", "grpc", "cetd.transport", "cetd.runtime", "cetd.daemon", "cetd.wire")
-ALLOWED = ("cetd.runtime", "cetd.runtime.spec")
+ALLOWED = ("cetd.runtime", "cetd.runtime.spec", "cetd.runtime.schedules")
 
 
 @pytest.mark.timeout(60)

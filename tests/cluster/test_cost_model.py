@@ -53,20 +53,31 @@ def test_balanced_pipeline_takes_m_plus_s_minus_one_stage_times() -> None:
 
 
 @pytest.mark.timeout(10)
-def test_pipeline_links_are_stages_of_their_own() -> None:
+def test_pipeline_links_delay_the_fill_and_pace_the_step_when_slow() -> None:
     untied = replace(GPT2_SMALL, config={"vocab_size": 50257, "tie_word_embeddings": False})
     costs = replace(model_costs(SPEC, untied), embedding_blocks=0.0, head_blocks=0.0)
     offers = _offers(0.01, 0.01)
-    wifi = Link(bandwidth_bytes_per_second=0.12e9, latency_seconds=0.002)
-    plan = pipeline_plan(SPEC, offers, [(0, 6), (6, 12)])
-    prediction = predict(SPEC, untied, plan, offers, links={("D2", "D1"): wifi}, costs=costs)
     activation = 4 * 32 * 768 * 4  # micro-batch × seq × hidden × float32 = 393 KB
-    link = 2 * (activation / 0.12e9 + 0.002)  # forward and back over half-duplex Wi-Fi
+    plan = pipeline_plan(SPEC, offers, [(0, 6), (6, 12)])
     stage = 4 * 0.01 * 6
+    fast = predict(SPEC, untied, plan, offers, links=_fast_links(offers), costs=costs).step_seconds
+    assert fast == pytest.approx((8 + 2 - 1) * stage)
+    wifi = Link(bandwidth_bytes_per_second=0.12e9, latency_seconds=0.002)
+    prediction = predict(SPEC, untied, plan, offers, links={("D2", "D1"): wifi}, costs=costs)
+    one_way = 2 * activation / 0.12e9 + 0.002  # half duplex: each direction at half the rate
     # Three small hops outside the schedule: the loss to the first stage, and the driver's round trip.
     hops = 3 * (0.002 + 64 / 0.12e9)
-    assert prediction.step_seconds == pytest.approx(2 * stage + link + 7 * stage + hops)
+    # At least the first activation and the last gradient cross the link on the critical path. At most
+    # every micro-batch's does: 1F1B keeps only S − s micro-batches in flight, so the first stage's next
+    # forward waits for the gradient of an earlier one, and a link's round trip can show in every cycle.
+    assert fast + 2 * one_way + hops <= prediction.step_seconds <= fast + 8 * 2 * one_way + hops
     assert prediction.bytes_sent == {"D1": 8 * activation, "D2": 8 * activation}
+    # A link at 1/1000 of that rate carries 8 activations one way and 8 gradients the other: it sets the pace.
+    crawl = Link(bandwidth_bytes_per_second=0.12e6, latency_seconds=0.002)
+    slow = predict(SPEC, untied, plan, offers, links={("D2", "D1"): crawl}, costs=costs)
+    transfer = 2 * activation / 0.12e6
+    assert 8 * transfer < slow.step_seconds < 10 * transfer
+    assert slow.bottleneck in {"link D1-D2", "link D2-D1"}
 
 
 @pytest.mark.timeout(10)
@@ -202,3 +213,29 @@ def test_a_slow_cpu_paces_the_ring_when_the_network_is_fast() -> None:
     per_step = 8 * 12 * 4 * 2 * 3  # micro-batches × blocks × all-reduces × ring steps
     ring_difference = per_step * ((5e-3 + chunk * 5e-9) - (0.2e-3 + chunk * 0.5e-9))
     assert slow_step - quick_step == pytest.approx(ring_difference, rel=0.02)  # + the step's own few hops
+
+
+@pytest.mark.timeout(10)
+def test_work_that_overlaps_in_the_step_is_not_added_up() -> None:
+    # Two data-parallel replicas: D1 computes fast but pays 50 ms a message (its intake: 12 fields at
+    # half a hop each, 0.3 s); D2 computes at half D1's speed and pays nothing per message.
+    costs = replace(model_costs(SPEC, GPT2_SMALL), embedding_blocks=0.0, head_blocks=0.0)
+    offers = [DeviceOffer(device_id="D1", memory_bytes=16 * GIB, cores=1, block_seconds=0.01,
+                          optimizer_seconds_per_parameter=0.0, message_seconds=0.05, byte_seconds=0.0),
+              DeviceOffer(device_id="D2", memory_bytes=16 * GIB, cores=1, block_seconds=0.02,
+                          optimizer_seconds_per_parameter=0.0, message_seconds=1e-9, byte_seconds=0.0)]
+    workers = tuple(WorkerAssignment(rank=i + 1, device_id=o.device_id, dp_index=i, end_block=12)
+                    for i, o in enumerate(offers))
+    plan = JobPlan(parallelism="data", workers=workers, micro_batches=8)
+    prediction = predict(SPEC, GPT2_SMALL, plan, offers, links=_fast_links(offers), costs=costs)
+    intake = 12 * 0.05 / 2
+    fast, slow = 4 * 4 * 12 * 0.01, 4 * 4 * 12 * 0.02
+    hop = 0.05  # the costlier member's CPU for one small message
+    buckets = math.ceil(GPT2_SMALL.parameter_count * 4 / (4 * 2**20))
+    all_reduce = buckets * 2 * hop  # each ring step: one send and one receive on the costlier member
+    # D1's intake runs while D2 computes: the step is D2's compute, the loss all-gather, the gradient
+    # all-reduce and the driver's round trip, not the slowest intake plus the slowest compute.
+    assert fast + intake < slow
+    assert prediction.step_seconds == pytest.approx(slow + hop + all_reduce + 2 * hop)
+    assert prediction.busy_seconds == pytest.approx({"D1": intake + fast, "D2": slow + 12 * 1e-9 / 2})
+    assert prediction.bottleneck == "network"  # 119 buckets × 2 ring steps × 50 ms: 11.9 s of all-reduce
