@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -127,8 +128,18 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _unwind_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, a CI time limit) unwind like Ctrl-C, so the testbed's daemons, namespaces and
+    cgroups are removed on the way out instead of outliving the study."""
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
+    _unwind_on_sigterm()
     console = Console(width=max(Console().width, 160))
     reason = unavailable_reason()
     if reason is not None:
