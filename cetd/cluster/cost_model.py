@@ -465,8 +465,10 @@ def _replicated(spec: JobSpec, description: ModelDescription, costs: ModelCosts,
                     after.append(_transfer(graph, links, source, chain[position + 1].device_id, device_id, boundary))
                 graph.add((action.kind.value, replica, position, action.micro_batch), device_id, seconds, after=after)
             sent = share * boundary * ((not last) + (not first))
-            # A replica keeps only its own share of the micro-batches in flight.
-            keep = share if spec.schedule == "gpipe" else min(share, in_flight(spec, position, stages))
+            # A replica keeps only its own share of the micro-batches in flight; a data-parallel worker runs each
+            # micro-batch's backward right after its forward, whatever the pipeline schedule.
+            keep = (1 if plan.parallelism != "pipeline" else share if spec.schedule == "gpipe"
+                    else min(share, in_flight(spec, position, stages)))
             memory = stage_memory(spec, costs, blocks=worker.end_block - worker.start_block, first=first, last=last,
                                   in_flight=keep)
             timing.add(device_id, memory=memory, busy=busy, sent=sent, received=sent)

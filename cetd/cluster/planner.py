@@ -149,13 +149,15 @@ class _Search:
         """
         best = self.consider(self._pipelines(chains, ranges))
         current = list(ranges)
+        seen = {tuple(current)}
         while best is not None:
             moves = []
             for b in range(len(current) - 1):
                 for shift in (-1, 1):
                     cut = current[b][1] + shift
-                    if current[b][0] < cut < current[b + 1][1]:
-                        moved = [*current[:b], (current[b][0], cut), (cut, current[b + 1][1]), *current[b + 2:]]
+                    moved = [*current[:b], (current[b][0], cut), (cut, current[b + 1][1]), *current[b + 2:]]
+                    if current[b][0] < cut < current[b + 1][1] and tuple(moved) not in seen:
+                        seen.add(tuple(moved))
                         found = self.consider(self._pipelines(chains, moved))
                         if found is not None:
                             moves.append((self.score(found), moved, found))

@@ -239,3 +239,19 @@ def test_work_that_overlaps_in_the_step_is_not_added_up() -> None:
     assert prediction.step_seconds == pytest.approx(slow + hop + all_reduce + 2 * hop)
     assert prediction.busy_seconds == pytest.approx({"D1": intake + fast, "D2": slow + 12 * 1e-9 / 2})
     assert prediction.bottleneck == "network"  # 119 buckets × 2 ring steps × 50 ms: 11.9 s of all-reduce
+
+
+@pytest.mark.timeout(10)
+def test_a_data_parallel_worker_keeps_one_micro_batch_whatever_the_schedule() -> None:
+    offers = _offers(0.01, 0.01)
+    workers = tuple(WorkerAssignment(rank=i + 1, device_id=o.device_id, dp_index=i, end_block=12)
+                    for i, o in enumerate(offers))
+    costs = model_costs(SPEC, GPT2_SMALL)
+    one = training_memory(SPEC, GPT2_SMALL, parameters=GPT2_SMALL.parameter_count, blocks=12, in_flight=1)
+    for schedule in ("1f1b", "gpipe"):
+        spec = replace(SPEC, schedule=schedule)
+        plan = JobPlan(parallelism="data", workers=workers, micro_batches=8, schedule=schedule)
+        memory = predict(spec, GPT2_SMALL, plan, offers, costs=costs).memory_bytes
+        # Each replica runs 4 micro-batches, every backward right after its forward.
+        assert memory["D1"] == memory["D2"] >= one, schedule
+        assert memory == predict(SPEC, GPT2_SMALL, replace(plan, schedule="1f1b"), offers, costs=costs).memory_bytes
