@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cetd.errors import CetdError, ConfigError
+from cetd.identity import short_id
 from cetd.ids import DeviceId
 from cetd.transport.household_client import PeerClient
 from cetd.transport.peer_info import HouseholdView, PeerStatus
@@ -49,10 +50,6 @@ def _emit(args: argparse.Namespace, data: Any, human: Callable[[Console], None])
         print(json.dumps(data, indent=2, default=str))
     else:
         human(Console())
-
-
-def _short(device_id: str) -> str:
-    return device_id.split("-")[0]
 
 
 def _gib(n: int) -> str:
@@ -98,7 +95,7 @@ async def cmd_peers(client: PeerClient, args: argparse.Namespace) -> int:
             caps = p.info.capabilities
             me = " (this)" if p.info.device_id == view.self_id else ""
             table.add_row(
-                _short(p.info.device_id) + me, p.info.name, p.info.address or "-", p.state, p.role,
+                short_id(p.info.device_id) + me, p.info.name, p.info.address or "-", p.state, p.role,
                 str(caps.cores or "-"), _gib(caps.memory_bytes), _gib(caps.free_memory_bytes),
                 caps.accelerator or "-",
                 f"{caps.block_seconds * 1000:.1f}" if caps.block_seconds else "-",
@@ -112,9 +109,9 @@ async def cmd_peers(client: PeerClient, args: argparse.Namespace) -> int:
             for column in ("devices", "MB/s", "latency ms", "measured by"):
                 links.add_column(column, no_wrap=column == "devices")
             for link in view.links:
-                links.add_row(f"{_short(link.a)} – {_short(link.b)}", f"{link.bandwidth_bytes_per_second / 1e6:.0f}",
+                links.add_row(f"{short_id(link.a)} – {short_id(link.b)}", f"{link.bandwidth_bytes_per_second / 1e6:.0f}",
                               f"{link.latency_seconds * 1e3:.2f}",
-                              ", ".join(map(_short, link.measured_by)) or "inferred (both ends' links to this device)")
+                              ", ".join(map(short_id, link.measured_by)) or "inferred (both ends' links to this device)")
             console.print(links)
 
     _emit(args, view_as_dict(view), human)

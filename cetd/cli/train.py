@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cetd.errors import JobError
+from cetd.identity import short_id
 from cetd.runtime.spec import JobSpec, to_json
 from cetd.transport.household_client import PeerClient
 from cetd.transport.job_types import JobState, JobStatus
@@ -143,7 +144,7 @@ async def cmd_status(client: PeerClient, args: argparse.Namespace) -> int:
             for column in ("device", "joules", "J/sample", "source"):
                 table.add_column(column)
             for device, row in data["energy"].items():
-                table.add_row(device.split("-")[0], f"{row['joules']:.1f}", f"{row['joules_per_sample']:.3f}",
+                table.add_row(short_id(device), f"{row['joules']:.1f}", f"{row['joules_per_sample']:.3f}",
                               row["source"])
             console.print(table)
         if data["recoveries"]:
@@ -191,7 +192,7 @@ async def cmd_plan(client: PeerClient, args: argparse.Namespace) -> int:
         device = worker["device_id"]
         speed = (f"{prediction.get('block_seconds', {}).get(device, 0) * 1e3:.3f} "
                  f"({prediction.get('speed_source', {}).get(device, '?')})")
-        table.add_row(str(worker["rank"]), device.split("-")[0], str(worker.get("dp_index", 0)),
+        table.add_row(str(worker["rank"]), short_id(device), str(worker.get("dp_index", 0)),
                       f"{worker['start_block']}..{worker['end_block']}",
                       f"{prediction['memory_bytes'].get(device, 0) / 1024**3:.2f} GiB", speed,
                       f"{prediction['busy_seconds'].get(device, 0):.3f}", f"{prediction['joules'].get(device, 0):.2f}")

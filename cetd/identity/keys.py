@@ -158,6 +158,6 @@ def parse_device_id(text: str) -> DeviceId:
     return _group(compact)
 
 
-def short_id(device_id: DeviceId) -> str:
+def short_id(device_id: str) -> str:
     """Return the first group of ``device_id``, enough to tell the devices of one household apart in logs."""
     return device_id.split("-", 1)[0]
