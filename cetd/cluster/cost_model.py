@@ -434,11 +434,10 @@ def _replicated(spec: JobSpec, description: ModelDescription, costs: ModelCosts,
     chains = [sorted(chain, key=lambda w: w.stage) for _, chain in sorted(replicas.items())]
     shares = _split(spec.micro_batches, len(chains))
     micro = _micro(spec)
-    tokens = micro * spec.seq_len * 8
+    boundary = costs.boundary_bytes_per_sample * micro
     graph = StepGraph()
     for replica, (chain, share) in enumerate(zip(chains, shares, strict=True)):
         stages = len(chain)
-        boundary = costs.boundary_bytes_per_sample * micro
         schedule = build_schedule(spec.schedule, stages, share) if share else [[] for _ in chain]
         for position, worker in enumerate(chain):
             device_id, offer = worker.device_id, offers[worker.device_id]
@@ -449,7 +448,7 @@ def _replicated(spec: JobSpec, description: ModelDescription, costs: ModelCosts,
             # Per micro-batch, a forward receives an activation (not on the first stage) and sends one (not
             # on the last); a backward receives a gradient (not on the last) and sends one (not on the first).
             message = messaging(offer).ends((not first) + (not last), boundary)
-            intake = messaging(offer).ends(3 * share, tokens)
+            intake = _intake_seconds(spec, offer, share)
             graph.add(("intake", device_id), device_id, intake)
             busy = intake
             for action in schedule[position]:
@@ -504,8 +503,7 @@ def _replicated(spec: JobSpec, description: ModelDescription, costs: ModelCosts,
                             f"(every {spec.sync_every} step(s))")
     slowest = 0.0
     for worker in plan.workers:
-        seconds = (_worker_parameters(description, costs, plan, worker)
-                   * optimizer_seconds_per_parameter(offers[worker.device_id]))
+        seconds = _optimizer_seconds(description, costs, plan, worker, offers)
         graph.add(("optimizer", worker.device_id), worker.device_id, seconds)
         timing.busy[worker.device_id] += seconds
         slowest = max(slowest, seconds)
@@ -544,8 +542,7 @@ def _add_step_overhead(timing: _Timing, spec: JobSpec, plan: JobPlan, links: Lin
     """What a tensor-parallel step adds outside its blocks: the driver hears the loss, then sends the next
     step's control and micro-batches (two hops), and each worker takes in every micro-batch's fields."""
     members = [offers[w.device_id] for w in plan.workers]
-    tokens = _micro(spec) * spec.seq_len * 8
-    intakes = {w.device_id: messaging(offers[w.device_id]).ends(3 * spec.micro_batches, tokens) for w in plan.workers}
+    intakes = {w.device_id: _intake_seconds(spec, offers[w.device_id], spec.micro_batches) for w in plan.workers}
     overhead = 2 * _hop(links, members) + max(intakes.values())
     timing.step += overhead
     for device_id, seconds in intakes.items():
@@ -564,13 +561,24 @@ def _worker_parameters(description: ModelDescription, costs: ModelCosts, plan: J
     return description.parameter_count
 
 
+def _intake_seconds(spec: JobSpec, offer: DeviceOffer, micro_batches: int) -> float:
+    """A worker's CPU for taking in ``micro_batches`` micro-batches from the driver: three int64 fields each."""
+    return messaging(offer).ends(3 * micro_batches, _micro(spec) * spec.seq_len * 8)
+
+
+def _optimizer_seconds(description: ModelDescription, costs: ModelCosts, plan: JobPlan, worker: WorkerAssignment,
+                       offers: Mapping[str, DeviceOffer]) -> float:
+    """The worker's AdamW step over its parameters."""
+    return (_worker_parameters(description, costs, plan, worker)
+            * optimizer_seconds_per_parameter(offers[worker.device_id]))
+
+
 def _add_optimizer_steps(timing: _Timing, description: ModelDescription, costs: ModelCosts, plan: JobPlan,
                          offers: Mapping[str, DeviceOffer]) -> None:
     """Every tensor-parallel worker ends the step with AdamW over its slice; the step waits for the slowest."""
     slowest = 0.0
     for worker in plan.workers:
-        seconds = (_worker_parameters(description, costs, plan, worker)
-                   * optimizer_seconds_per_parameter(offers[worker.device_id]))
+        seconds = _optimizer_seconds(description, costs, plan, worker, offers)
         timing.busy[worker.device_id] += seconds
         slowest = max(slowest, seconds)
     timing.step += slowest
