@@ -20,9 +20,12 @@ The model, per parallelism (b samples per micro-batch, M micro-batches, S stages
   and last stage), plus its CPU for the activations and gradients it sends and receives. Memory: GPipe
   keeps all M micro-batches' activations, 1F1B at most S − s on stage s. Data-parallel replicas train the
   micro-batches split evenly, so the slowest sets the pace.
-- tensor: every block of every micro-batch waits for 4 ring all-reduces of the activation
-  (2(k−1)/k × bytes / bandwidth + 2(k−1) × latency each): communication-bound on home networks; then the
-  slowest worker's optimizer step, the driver's round trip and the micro-batch intake are added.
+- tensor: every block of every micro-batch waits for 4 all-reduces of the activation, each round a ring
+  (2(k−1) messages of 1/k of it) or exchanged whole (k−1 messages of all of it, one round), as the plan's
+  ``ring_min_bytes`` says (the planner sets it where the two cost the same, `tensor_ring_min_bytes`), each
+  message paced by the slower of the link and the costliest member's CPU: communication-bound on home
+  networks; then the slowest worker's optimizer step, the driver's round trip and the micro-batch intake
+  are added.
 
 Energy uses `cetd.cluster.power`'s stated model: each taking-part device is on for the whole step
 (idle watts), busy for its compute time (watts per core × cores, or its accelerator's watts), and pays
@@ -44,7 +47,13 @@ from cetd.cluster.device_offer import (
 )
 from cetd.cluster.power import BUILTIN_PROFILES, PowerProfile
 from cetd.cluster.step_graph import StepGraph
-from cetd.cluster.transport_costs import BUCKET_BYTES, Messaging, ring_all_reduce_seconds
+from cetd.cluster.transport_costs import (
+    BUCKET_BYTES,
+    Messaging,
+    all_reduce_seconds,
+    ring_all_reduce_seconds,
+    ring_min_bytes,
+)
 from cetd.errors import JobError
 from cetd.runtime.schedules import ActionKind, build_schedule
 from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, WorkerAssignment
@@ -70,6 +79,7 @@ __all__ = [
     "speed_source",
     "stage_memory",
     "stage_message_seconds",
+    "tensor_ring_min_bytes",
     "training_memory",
 ]
 
@@ -290,7 +300,7 @@ def predict(spec: JobSpec, description: ModelDescription, plan: JobPlan, offers:
     speed = {d: block_seconds_per_sample(spec, description, o) for d, o in by_id.items()}
     timing: _Timing
     if plan.parallelism == "tensor":
-        timing = _tensor(spec, description, costs, plan.workers, speed, links, by_id)
+        timing = _tensor(spec, description, costs, plan, speed, links, by_id)
         _add_optimizer_steps(timing, description, costs, plan, by_id)
         _add_step_overhead(timing, spec, plan, links, by_id)
     else:
@@ -361,22 +371,34 @@ def _hop(links: LinkMap | None, members: Sequence[DeviceOffer], nbytes: float = 
     return max(link.latency_seconds + nbytes / link.bandwidth_bytes_per_second, cpu.hops(1, nbytes))
 
 
-def _tensor(spec: JobSpec, description: ModelDescription, costs: ModelCosts, workers: Sequence[WorkerAssignment],
+def tensor_ring_min_bytes(members: Sequence[DeviceOffer], links: LinkMap | None) -> int:
+    """The size from which ``members``' tensor-parallel all-reduces should go round a ring rather than be
+    exchanged whole (`JobPlan.ring_min_bytes`), for their costliest messages and slowest link."""
+    link = _slowest_link(links, members)
+    return ring_min_bytes(len(members), link.bandwidth_bytes_per_second, link.latency_seconds,
+                          Messaging.slowest(messaging(m) for m in members))
+
+
+def _tensor(spec: JobSpec, description: ModelDescription, costs: ModelCosts, plan: JobPlan,
             speed: Mapping[str, float], links: LinkMap | None, offers: Mapping[str, DeviceOffer]) -> _Timing:
     timing = _Timing()
-    ordered = sorted(workers, key=lambda w: w.tp_index)
+    ordered = sorted(plan.workers, key=lambda w: w.tp_index)
     ways = len(ordered)
     heads = _split(description.num_heads, ways)
     micro = _micro(spec)
     members = [offers[w.device_id] for w in ordered]
     size = costs.boundary_bytes_per_sample * micro
-    reduce = ring_seconds(size, members, _slowest_link(links, members))
+    link = _slowest_link(links, members)
+    reduce = all_reduce_seconds(size, ways, link.bandwidth_bytes_per_second, link.latency_seconds,
+                                Messaging.slowest(messaging(m) for m in members), plan.ring_min_bytes)
+    ring = size >= plan.ring_min_bytes and size >= ways
     block = max(_shard_block_seconds(micro * speed[w.device_id], offers[w.device_id], h / description.num_heads)
                 for w, h in zip(ordered, heads, strict=True))
     ends = max(micro * speed[w.device_id] * (costs.embedding_blocks + costs.head_blocks) for w in ordered)
     per_micro = description.num_blocks * (block + 4 * reduce) + ends
     timing.step = spec.micro_batches * per_micro
-    sent = 4 * description.num_blocks * spec.micro_batches * 2 * (ways - 1) / ways * size if ways > 1 else 0.0
+    per_reduce = 2 * (ways - 1) / ways * size if ring else (ways - 1) * size
+    sent = 4 * description.num_blocks * spec.micro_batches * per_reduce if ways > 1 else 0.0
     for worker, share in zip(ordered, heads, strict=True):
         whole = micro * speed[worker.device_id]
         busy = spec.micro_batches * (
@@ -387,8 +409,9 @@ def _tensor(spec: JobSpec, description: ModelDescription, costs: ModelCosts, wor
         timing.add(worker.device_id, memory=memory, busy=busy, sent=sent, received=sent)
     comm = spec.micro_batches * description.num_blocks * 4 * reduce
     timing.bottleneck = "network" if comm > timing.step / 2 else max(timing.busy, key=lambda d: timing.busy[d])
-    timing.notes.append(f"{4 * description.num_blocks * spec.micro_batches} all-reduces take {comm:.3f} s "
-                        f"of the {timing.step:.3f} s step")
+    timing.notes.append(f"{4 * description.num_blocks * spec.micro_batches} all-reduces of {size / 1024:.0f} KiB "
+                        f"({'round a ring' if ring else 'exchanged whole'}) take {comm:.3f} s of the "
+                        f"{timing.step:.3f} s step")
     return timing
 
 

@@ -45,6 +45,7 @@ from cetd.cluster.cost_model import (
     predict,
     stage_memory,
     stage_message_seconds,
+    tensor_ring_min_bytes,
     training_memory,
 )
 from cetd.cluster.power import PowerProfile
@@ -341,8 +342,8 @@ def _search_tensor(search: _Search) -> None:
     for count in _counts(search, min(len(search.offers), search.description.num_heads)):
         for group in _subsets(search, count):
             ordered = sorted(group, key=lambda d: (search.speed[d.device_id], d.device_id))
-            search.consider(_plan("tensor", _whole_workers(ordered, search.description.num_blocks, tensor=True),
-                                  search.spec))
+            plan = _plan("tensor", _whole_workers(ordered, search.description.num_blocks, tensor=True), search.spec)
+            search.consider(replace(plan, ring_min_bytes=tensor_ring_min_bytes(ordered, search.links)))
 
 
 def _search_pipeline(search: _Search) -> None:

@@ -18,7 +18,17 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["BUCKET_BYTES", "BYTE_SECONDS", "MESSAGE_SECONDS", "Messaging", "ring_all_reduce_seconds"]
+__all__ = [
+    "BUCKET_BYTES",
+    "BYTE_SECONDS",
+    "MAX_RING_MIN_BYTES",
+    "MESSAGE_SECONDS",
+    "Messaging",
+    "all_reduce_seconds",
+    "direct_all_reduce_seconds",
+    "ring_all_reduce_seconds",
+    "ring_min_bytes",
+]
 
 MESSAGE_SECONDS = 0.25e-3
 """One hop, both ends, when the device did not measure it (measured here on one full core: 0.25 ms)."""
@@ -26,6 +36,8 @@ BYTE_SECONDS = 0.9e-9
 """Per byte of a hop, both ends, when not measured (measured here: 0.87 ns, about 1.1 GB/s)."""
 BUCKET_BYTES = 4 * 2**20
 """Gradients are all-reduced in buckets of this size (`cetd.runtime.collectives.DEFAULT_BUCKET_BYTES`)."""
+MAX_RING_MIN_BYTES = 2**30
+"""`ring_min_bytes` never answers more: a tensor this large is exchanged whole by no plan."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +78,52 @@ def ring_all_reduce_seconds(size: float, members: int, bandwidth: float, latency
     wire = chunk / bandwidth + latency
     work = cpu.hops(1, chunk) if cpu is not None else 0.0
     return buckets * 2 * (members - 1) * max(wire, work)
+
+
+def direct_all_reduce_seconds(size: float, members: int, bandwidth: float, latency: float,
+                              cpu: Messaging | None = None) -> float:
+    """An all-reduce of ``size`` bytes among ``members`` by exchanging it whole: in one round every member
+    sends its tensor to each of the others and receives theirs (``members − 1`` hops of the whole size,
+    both ends), its link carrying ``members − 1`` copies each way; the slower of wire and CPU sets it."""
+    if members <= 1 or size <= 0:
+        return 0.0
+    wire = (members - 1) * size / bandwidth + latency
+    work = cpu.hops(members - 1, size) if cpu is not None else 0.0
+    return max(wire, work)
+
+
+def all_reduce_seconds(size: float, members: int, bandwidth: float, latency: float, cpu: Messaging | None,
+                       threshold: float) -> float:
+    """The all-reduce `cetd.runtime.collectives.all_reduce_` runs for ``size`` bytes: round a ring from
+    ``threshold`` bytes (and at least a byte per member), else exchanged whole."""
+    if size >= threshold and size >= members:
+        return ring_all_reduce_seconds(size, members, bandwidth, latency, cpu)
+    return direct_all_reduce_seconds(size, members, bandwidth, latency, cpu)
+
+
+def ring_min_bytes(members: int, bandwidth: float, latency: float, cpu: Messaging | None) -> int:
+    """The size from which a ring all-reduce is no slower than exchanging the tensor whole, for these
+    members, link and message costs (at most `MAX_RING_MIN_BYTES`).
+
+    The ring sends 2(n − 1) messages of 1/n of the tensor each, the whole exchange n − 1 of all of it: the
+    ring moves fewer bytes, the exchange pays fewer messages and one latency instead of 2(n − 1). Where a
+    message costs a device milliseconds of CPU (the testbed's capped hosts: 1.6 ms for 0.45 of a core) the
+    exchange wins up to several hundred kilobytes; on a fast link between fast machines the ring wins from
+    tens of kilobytes. Both times grow with the size and their difference changes sign once, so a
+    bisection finds the crossing.
+    """
+    def ring_wins(size: float) -> bool:
+        return (ring_all_reduce_seconds(size, members, bandwidth, latency, cpu)
+                <= direct_all_reduce_seconds(size, members, bandwidth, latency, cpu))
+
+    if members <= 2 or not ring_wins(MAX_RING_MIN_BYTES):
+        # With two members the ring sends two half-size messages where the exchange sends one whole one.
+        return MAX_RING_MIN_BYTES
+    low, high = 1, MAX_RING_MIN_BYTES
+    while low < high:
+        middle = (low + high) // 2
+        if ring_wins(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return max(low, members)

@@ -24,6 +24,7 @@ from datetime import timedelta
 
 import torch
 
+from cetd.runtime.spec import DEFAULT_RING_MIN_BYTES
 from cetd.transport.channel import PeerChannel, SendHandle, TensorKey, TensorSpec
 
 __all__ = [
@@ -40,7 +41,7 @@ __all__ = [
 DEFAULT_BUCKET_BYTES = 4 * 2**20
 """Flattened gradients are reduced in buffers of about this size: few messages, bounded extra memory."""
 
-RING_MIN_BYTES = 64 * 2**10
+RING_MIN_BYTES = DEFAULT_RING_MIN_BYTES
 """Tensors at least this large use the ring; smaller ones are exchanged whole (fewer round trips)."""
 
 
@@ -51,10 +52,12 @@ def all_reduce_(
     ranks: Sequence[int],
     key: TensorKey,
     timeout: timedelta | None = None,
+    ring_min_bytes: int = RING_MIN_BYTES,
 ) -> torch.Tensor:
     """Replace ``tensor`` on every rank in ``ranks`` with the element-wise sum over those ranks.
 
-    Every rank in ``ranks`` must call this with a tensor of the same shape and dtype and the same key.
+    Every rank in ``ranks`` must call this with a tensor of the same shape and dtype, the same key and
+    the same ``ring_min_bytes`` (the size from which the ring is used).
 
     Returns:
         ``tensor``, now holding the sum (bit-identical on every rank).
@@ -69,7 +72,7 @@ def all_reduce_(
     flat = tensor.detach().reshape(-1)
     # reshape() copies a non-contiguous tensor; then the result is copied back at the end.
     shares_storage = tensor.is_contiguous()
-    if flat.numel() * flat.element_size() >= RING_MIN_BYTES and flat.numel() >= len(ranks):
+    if flat.numel() * flat.element_size() >= ring_min_bytes and flat.numel() >= len(ranks):
         _ring_all_reduce(channel, flat, ranks, position, key, timeout)
     else:
         _direct_all_reduce(channel, flat, ranks, position, key, timeout)

@@ -233,6 +233,8 @@ def check_plan(plan: JobPlan, *, num_blocks: int, num_heads: int, world_size: in
             raise JobError("the plan's tensor-parallel indices are not 0..N-1")
         if count > num_heads:
             raise JobError(f"{count} tensor-parallel workers exceed the model's {num_heads} attention heads")
+        if plan.ring_min_bytes < 1:
+            raise JobError(f"the plan's ring threshold of {plan.ring_min_bytes} bytes is not a size")
     if plan.parallelism == "data" and sorted(w.dp_index for w in plan.workers) != list(range(count)):
         raise JobError("the plan's data-parallel indices are not 0..N-1")
 

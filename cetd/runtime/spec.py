@@ -118,6 +118,11 @@ class ModelDescription:
     """The Hugging Face config (``config.to_dict()``): workers build the architecture from it."""
 
 
+DEFAULT_RING_MIN_BYTES = 64 * 2**10
+"""All-reduces of at least this many bytes go round a ring, smaller ones are exchanged whole
+(`cetd.runtime.collectives`), unless a plan chooses otherwise (`JobPlan.ring_min_bytes`)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerAssignment:
     """One worker's place in a plan."""
@@ -159,6 +164,10 @@ class JobPlan:
     speed_sources: dict[str, str] = field(default_factory=dict)
     """Per device ID: where the forecast's speed came from (``measured`` for the job's own shapes,
     ``profiled`` reference block scaled by FLOPs, or ``estimated`` from its cores)."""
+    ring_min_bytes: int = DEFAULT_RING_MIN_BYTES
+    """Tensor-parallel activations of at least this many bytes are all-reduced round a ring, smaller ones
+    exchanged whole: the planner sets it where the cost model finds the two equally fast for the workers'
+    message costs and links (`cetd.cluster.transport_costs.ring_min_bytes`)."""
 
     @property
     def world_size(self) -> int:

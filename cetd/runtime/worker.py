@@ -112,10 +112,11 @@ class _TensorParallelAllReduce:
     Each call of a step gets the next key; every worker makes the same calls in the same order.
     """
 
-    def __init__(self, channel: PeerChannel, ranks: Sequence[int], timeout: timedelta) -> None:
+    def __init__(self, channel: PeerChannel, ranks: Sequence[int], timeout: timedelta, ring_min_bytes: int) -> None:
         self._channel = channel
         self._ranks = list(ranks)
         self._timeout = timeout
+        self._ring_min_bytes = ring_min_bytes
         self._step = 0
         self._calls = 0
 
@@ -127,7 +128,8 @@ class _TensorParallelAllReduce:
         total = tensor.detach().clone(memory_format=torch.contiguous_format)
         key = tensor_parallel_key(self._step, self._calls)
         self._calls += 1
-        return all_reduce_(self._channel, total, ranks=self._ranks, key=key, timeout=self._timeout)
+        return all_reduce_(self._channel, total, ranks=self._ranks, key=key, timeout=self._timeout,
+                           ring_min_bytes=self._ring_min_bytes)
 
 
 class _LossRecorder:
@@ -197,7 +199,9 @@ def run_worker(
     num_micro_batches = plan.micro_batches
     size = micro_batch_size(spec.global_batch, num_micro_batches)
     all_reduce = (
-        _TensorParallelAllReduce(channel, worker_ranks(plan), recv_timeout) if plan.parallelism == "tensor" else None
+        _TensorParallelAllReduce(channel, worker_ranks(plan), recv_timeout, plan.ring_min_bytes)
+        if plan.parallelism == "tensor"
+        else None
     )
     share = build_share(model, adapter, plan, rank, num_micro_batches=num_micro_batches, all_reduce=all_reduce)
     _receive_share(share, channel, recv_timeout)

@@ -14,10 +14,18 @@ from cetd.cluster.cost_model import (
     estimated_block_seconds,
     model_costs,
     predict,
+    tensor_ring_min_bytes,
     training_memory,
 )
-from cetd.cluster.planner import pipeline_plan
+from cetd.cluster.planner import pipeline_plan, plan_job
 from cetd.cluster.power import BUILTIN_PROFILES
+from cetd.cluster.transport_costs import (
+    MAX_RING_MIN_BYTES,
+    Messaging,
+    direct_all_reduce_seconds,
+    ring_all_reduce_seconds,
+    ring_min_bytes,
+)
 from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, WorkerAssignment
 
 GIB = 1024**3
@@ -132,6 +140,67 @@ def test_tensor_parallel_is_communication_bound_on_wifi() -> None:
     assert communication > tensor.step_seconds / 2
     pipeline = predict(SPEC, GPT2_SMALL, pipeline_plan(SPEC, offers, [(0, 3), (3, 6), (6, 9), (9, 12)]), offers)
     assert tensor.step_seconds > 2 * pipeline.step_seconds
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(("cpu", "bandwidth", "latency"), [
+    (Messaging(1.6e-3, 5e-9), 125e6, 0.3e-3),  # the testbed's hosts at 0.45 of a core, 1000 Mbit
+    (Messaging(0.25e-3, 0.9e-9), 125e6, 0.3e-3),  # one full core
+    (Messaging(20e-6, 0.1e-9), 1.25e9, 20e-6),  # fast machines on 10 Gbit
+])
+@pytest.mark.parametrize("members", [3, 4, 8])
+def test_ring_min_bytes_is_where_the_ring_stops_losing(cpu: Messaging, bandwidth: float, latency: float,
+                                                        members: int) -> None:
+    threshold = ring_min_bytes(members, bandwidth, latency, cpu)
+    assert members <= threshold < MAX_RING_MIN_BYTES
+
+    def ring(size: float) -> float:
+        return ring_all_reduce_seconds(size, members, bandwidth, latency, cpu)
+
+    def whole(size: float) -> float:
+        return direct_all_reduce_seconds(size, members, bandwidth, latency, cpu)
+
+    assert ring(threshold) <= whole(threshold)
+    assert ring(threshold - 1) > whole(threshold - 1)
+    assert ring(threshold * 4) < whole(threshold * 4)
+    # The ring only ever pays back in bytes: on the testbed, where a message costs 1.6 ms of CPU, that takes
+    # hundreds of kilobytes; between fast machines about a hundred or less.
+    if cpu.message_seconds > 1e-3:
+        assert threshold > 400_000
+    if cpu.message_seconds < 1e-4:
+        assert threshold < 120_000
+
+
+@pytest.mark.timeout(10)
+def test_two_members_never_use_the_ring() -> None:
+    # Two members: the ring sends two half-size messages where the exchange sends one whole one.
+    assert ring_min_bytes(2, 125e6, 0.3e-3, Messaging(1e-6, 1e-9)) == MAX_RING_MIN_BYTES
+
+
+@pytest.mark.timeout(10)
+def test_tensor_parallel_exchanges_small_activations_whole_where_messages_are_dear() -> None:
+    small = replace(GPT2_SMALL, hidden_size=96, num_blocks=4)  # the study's DistilBERT shape: 48 KiB activations
+    offers = [replace(o, message_seconds=1.6e-3, byte_seconds=5e-9) for o in _offers(0.01, 0.01, 0.01, 0.01)]
+    link = Link(bandwidth_bytes_per_second=125e6, latency_seconds=0.3e-3, half_duplex=False)
+    links = {(a.device_id, b.device_id): link for a in offers for b in offers if a.device_id < b.device_id}
+    size = 4 * 32 * 96 * 4
+    threshold = tensor_ring_min_bytes(offers, links)
+    assert threshold > size
+    planned = plan_job(replace(SPEC, parallelism="tensor", devices=4), small, offers, links=links)
+    assert planned.ring_min_bytes == threshold
+    whole = predict(SPEC, small, replace(planned, ring_min_bytes=threshold), offers, links=links)
+    ring = predict(SPEC, small, replace(planned, ring_min_bytes=1), offers, links=links)
+    per_reduce = {"whole": max(3 * size / 125e6 + 0.3e-3, 3 * (1.6e-3 + size * 5e-9)),
+                  "ring": 6 * max(size / 4 / 125e6 + 0.3e-3, 1.6e-3 + size / 4 * 5e-9)}
+    all_reduces = 4 * 4 * 8  # 4 per block, 4 blocks, 8 micro-batches
+    assert ring.step_seconds - whole.step_seconds == pytest.approx(
+        all_reduces * (per_reduce["ring"] - per_reduce["whole"]))
+    assert whole.bytes_sent["D1"] == pytest.approx(all_reduces * 3 * size, rel=0.01)
+    assert ring.bytes_sent["D1"] == pytest.approx(all_reduces * 1.5 * size, rel=0.01)
+    # GPT-2 small's 384 KiB activations between fast machines go round the ring.
+    fast = [replace(o, message_seconds=20e-6, byte_seconds=0.1e-9) for o in offers]
+    ten_gigabit = Link(bandwidth_bytes_per_second=1.25e9, latency_seconds=20e-6, half_duplex=False)
+    assert tensor_ring_min_bytes(fast, dict.fromkeys(links, ten_gigabit)) < 4 * 32 * 768 * 4
 
 
 @pytest.mark.timeout(10)

@@ -234,3 +234,21 @@ def test_coalesced_all_reduce_and_broadcast_cover_every_tensor() -> None:
         assert torch.equal(results[0][0][index], expected)
         assert torch.equal(results[1][0][index], expected)
         assert torch.equal(results[1][1][index], make(0)[index])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("threshold", [1 << 30, 1024], ids=["exchanged whole", "ring from 1 KiB"])
+def test_ring_min_bytes_chooses_the_path(threshold: int) -> None:
+    """A plan's threshold (`JobPlan.ring_min_bytes`) picks the algorithm: 117 KiB exchanged whole folds in
+    rank order; 4 KiB from a 1 KiB threshold goes round the ring, which folds each segment from its owner."""
+    numel = 30_000 if threshold > RING_MIN_BYTES else 1_002
+    x = [rank_tensor(rank, (numel,)) for rank in range(3)]
+    results = run_on_local_ranks(
+        3, lambda ch: all_reduce_(ch, x[ch.rank].clone(), ranks=range(3), key=KEY, ring_min_bytes=threshold))
+    in_rank_order = (x[0] + x[1]) + x[2]
+    third = numel // 3
+    segments = [slice(0, third), slice(third, 2 * third), slice(2 * third, numel)]
+    round_the_ring = torch.cat([(x[c][s] + x[(c + 1) % 3][s]) + x[(c + 2) % 3][s] for c, s in enumerate(segments)])
+    assert not torch.equal(in_rank_order, round_the_ring)
+    for result in results:
+        assert torch.equal(result, in_rank_order if threshold > RING_MIN_BYTES else round_the_ring)

@@ -9,6 +9,7 @@ sum gradients in another order). The output folder is a normal Hugging Face mode
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,24 @@ def test_float64_job_matches_the_reference_to_rounding(texts: Path, parallelism:
     loss, params = differences(run, reference(spec), STEPS)
     assert loss <= 1e-12
     assert params <= 1e-11
+
+
+@pytest.mark.timeout(120)
+def test_four_way_tensor_parallel_matches_the_reference_either_way_it_all_reduces(texts: Path) -> None:
+    """The planner picks per job whether activations go round a ring or are exchanged whole
+    (`JobPlan.ring_min_bytes`); both sum in another order than one process, and both must train alike.
+    In float64 the difference is rounding alone."""
+    spec = job_spec(texts, precision="float64")
+    sent = {}
+    for name, threshold in (("ring", 1), ("whole", 2**30)):
+        run = run_job(spec, replace(make_plan("tensor", 4, num_blocks=4), ring_min_bytes=threshold))
+        loss, params = differences(run, reference(spec), STEPS)
+        assert loss <= 1e-12, name
+        assert params <= 1e-11, name
+        assert run.channels[0].undelivered() == []
+        sent[name] = run.channels[1].bytes_sent
+    # Each activation all-reduce sends 3 whole copies, or 6 quarters round the ring.
+    assert sent["whole"] > 1.5 * sent["ring"]
 
 
 @pytest.mark.timeout(60)

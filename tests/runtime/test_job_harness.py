@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -178,6 +178,7 @@ def test_worker_order_and_loss_rank_follow_the_plan() -> None:
             "stage 1 holds blocks [3, 4)",
         ),
         (make_plan("tensor", 5, num_blocks=4), "exceed the model's 4 attention heads"),
+        (replace(make_plan("tensor", 2, num_blocks=4), ring_min_bytes=0), "ring threshold of 0 bytes"),
         (make_plan("single", 2, num_blocks=4), "names 2 workers"),
         (JobPlan(parallelism="data", workers=(WorkerAssignment(rank=2, device_id="A"),)), "not 1..N"),
     ],
