@@ -12,8 +12,9 @@ Prints nothing; writes ``WORKDIR/result<RANK>.json``:
   cpu_share`` is the profile's CPU per hop, to set beside the ring's);
 - ``pair_round_seconds``, ``pair_round_cpu``: one member's ring round when both members of a 2-member
   `all_reduce_` are on this device (wall and CPU, per member and round);
-- ``ring_seconds``, ``ring_cpu``: one `all_reduce_` of NUMEL float32 among all hosts, wall and this
-  process's CPU (mean of REPEATS);
+- ``ring_seconds``, ``ring_cpu``: one `all_reduce_` of NUMEL float32 among all hosts round the ring, wall
+  and this process's CPU (mean of REPEATS); ``whole_seconds``, ``whole_cpu``: the same all-reduce with the
+  tensor exchanged whole (`JobPlan.ring_min_bytes` above its size);
 - ``compute_seconds``, ``compute_cpu``: a fixed matrix-multiply burst alone, and ``both_seconds``,
   ``both_cpu``: the burst followed by the all-reduce (a tensor-parallel segment and its sync).
 """
@@ -40,6 +41,8 @@ from cetd.transport.tensor_channel import GrpcPeerChannel, TensorChannelConfig
 BURST = 20
 """Matrix multiplies (256 × 256) per compute burst: about 6 ms of one core."""
 TIMEOUT = timedelta(seconds=120)
+WHOLE = 2**40
+"""A ``ring_min_bytes`` above any tensor here: exchanged whole."""
 
 
 def main(rank: int, ip: str, workdir: Path, numel: int, repeats: int) -> None:
@@ -92,31 +95,34 @@ def main(rank: int, ip: str, workdir: Path, numel: int, repeats: int) -> None:
                       for r in range(world) if r != rank})
         counter = 0
 
-        def reduce(tensor: torch.Tensor) -> None:
+        def reduce(tensor: torch.Tensor, threshold: int = 1) -> None:
             nonlocal counter
             counter += 1
             all_reduce_(ring, tensor, ranks=list(range(world)), key=TensorKey(step=counter, micro_batch=0, name="x"),
-                        timeout=TIMEOUT)
+                        timeout=TIMEOUT, ring_min_bytes=threshold)
 
         buffer, barrier = torch.ones(numel), torch.ones(8)
 
         def timed(name: str, body: list[str]) -> None:
-            reduce(barrier)  # everyone starts together
+            reduce(barrier, WHOLE)  # everyone starts together
             started, used = time.perf_counter(), cpu_seconds()
             for _ in range(repeats):
                 if "compute" in body:
                     burst()
                 if "reduce" in body:
                     reduce(buffer)
+                if "whole" in body:
+                    reduce(buffer, WHOLE)
             result[f"{name}_seconds"] = (time.perf_counter() - started) / repeats
             result[f"{name}_cpu"] = (cpu_seconds() - used) / repeats
 
         for _ in range(3):
             reduce(buffer)  # warm the streams
         timed("ring", ["reduce"])
+        timed("whole", ["whole"])
         timed("compute", ["compute"])
         timed("both", ["compute", "reduce"])
-        reduce(barrier)
+        reduce(barrier, WHOLE)
     (workdir / f"result{rank}.json").write_text(json.dumps(result))
 
 

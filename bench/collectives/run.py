@@ -1,4 +1,4 @@
-"""A ring all-reduce on the study's testbed, against the cost model's forecast for it.
+"""A ring all-reduce, and the same tensor exchanged whole, on the study's testbed, against the cost model.
 
     sudo .venv/bin/python -m bench.collectives.run [--numel 24576] [--repeats 100] [--output PATH]
 
@@ -13,7 +13,10 @@ mutual-TLS `GrpcPeerChannel`s. NUMEL float32 defaults to the study's tensor-para
   slowest device's own transport profile; wire latency 0 here, where the daemon adds its link probe);
 - each member's CPU per ring round, measured in the 4-host ring and in a 2-member ring inside one
   device (what a device could time on its own), and the profile's hop;
-- a compute burst followed by the all-reduce, against the sum of the two timed alone.
+- a compute burst followed by the all-reduce, against the sum of the two timed alone;
+- the same all-reduce with the tensor exchanged whole, timed in the same run, against its forecast
+  (`direct_all_reduce_seconds`), and the size from which the planner would send it round the ring
+  (`ring_min_bytes`) for these devices.
 
 Needs root, network namespaces and cgroup v1; otherwise it says why and exits 0. About 2 minutes.
 """
@@ -46,7 +49,12 @@ from bench.parallelisms.testbed import (
     DeviceSet,
     unavailable_reason,
 )
-from cetd.cluster.transport_costs import Messaging, ring_all_reduce_seconds
+from cetd.cluster.transport_costs import (
+    Messaging,
+    direct_all_reduce_seconds,
+    ring_all_reduce_seconds,
+    ring_min_bytes,
+)
 from tests.testbed.cgroups import CgroupLimits
 from tests.testbed.netns import NetnsRig
 from tests.transport.conftest import make_household
@@ -82,12 +90,18 @@ def summarise(device_set: DeviceSet, members: list[dict[str, float]], numel: int
     size, n = numel * 4, len(members)
     rounds = 2 * (n - 1)
     profiles = [Messaging(m["message_seconds"], m["byte_seconds"]) for m in members]
-    forecast = ring_all_reduce_seconds(size, n, LINK_MBIT * 1e6 / 8, 0.0, Messaging.slowest(profiles))
+    slowest_cpu = Messaging.slowest(profiles)
+    forecast = ring_all_reduce_seconds(size, n, LINK_MBIT * 1e6 / 8, 0.0, slowest_cpu)
+    whole_forecast = direct_all_reduce_seconds(size, n, LINK_MBIT * 1e6 / 8, 0.0, slowest_cpu)
     ring = max(m["ring_seconds"] for m in members)
+    whole = max(m["whole_seconds"] for m in members)
     slowest = min(range(n), key=lambda i: device_set.cpu_fractions[i])
     return {
         "device_set": device_set.name, "cpu_fractions": list(device_set.cpu_fractions), "bytes": size,
         "ring_seconds": ring, "forecast_seconds": forecast, "forecast_error": forecast / ring - 1,
+        "whole_seconds": whole, "whole_forecast_seconds": whole_forecast,
+        "whole_forecast_error": whole_forecast / whole - 1, "ring_over_whole": ring / whole,
+        "planned_ring_min_bytes": ring_min_bytes(n, LINK_MBIT * 1e6 / 8, 0.0, slowest_cpu),
         "ring_round_cpu": [m["ring_cpu"] / rounds for m in members],
         "pair_round_cpu": [m["pair_round_cpu"] for m in members],
         "profile_hop_seconds": [p.hops(1, size / n) for p in profiles],
@@ -120,6 +134,15 @@ def main() -> None:
                       f"{row['forecast_error']:+.0%}", f"{row['cpu_bound_seconds'] * 1e3:.2f}",
                       f"{row['compute_then_ring_seconds'] * 1e3:.2f}", f"{row['sum_alone_seconds'] * 1e3:.2f}")
     console.print(table)
+    whole = Table(title="the same all-reduce exchanged whole (one round of n − 1 copies), side by side, ms")
+    for column in ("set", "round the ring", "exchanged whole", "ring ÷ whole", "whole: forecast", "error",
+                   "planner's ring threshold"):
+        whole.add_column(column, justify="right")
+    for row in rows:
+        whole.add_row(row["device_set"], f"{row['ring_seconds'] * 1e3:.2f}", f"{row['whole_seconds'] * 1e3:.2f}",
+                      f"{row['ring_over_whole']:.2f}×", f"{row['whole_forecast_seconds'] * 1e3:.2f}",
+                      f"{row['whole_forecast_error']:+.0%}", f"{row['planned_ring_min_bytes'] / 1024:.0f} KiB")
+    console.print(whole)
     rounds = Table(title="CPU ms per member per ring round (one value per host), and the profile's hop")
     for column in ("set", "in the 4-host ring", "2-member ring inside the device", "profile hop (CPU ÷ share)"):
         rounds.add_column(column, justify="right")
