@@ -141,11 +141,11 @@ async def cmd_status(client: PeerClient, args: argparse.Namespace) -> int:
             console.print(f"[bold]plan[/]: {data['plan']['reason']}")
         if data["energy"]:
             table = Table(title=f"energy ({status.energy_source})")
-            for column in ("device", "joules", "J/sample", "source"):
+            for column in ("device", "joules", "J/sample", "source", "start-up J (apart)"):
                 table.add_column(column)
             for device, row in data["energy"].items():
                 table.add_row(short_id(device), f"{row['joules']:.1f}", f"{row['joules_per_sample']:.3f}",
-                              row["source"])
+                              row["source"], f"{row.get('startup_joules', 0.0):.1f}")
             console.print(table)
         if data["recoveries"]:
             table = Table(title="recoveries")

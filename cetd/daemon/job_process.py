@@ -41,6 +41,7 @@ class JobProcess:
         self._started = 0.0
         self._cpu_seconds = 0.0
         self._cpu_taken = 0.0
+        self._startup_cpu: float | None = None
 
     async def start(self, launch: dict[str, Any]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,10 +115,27 @@ class JobProcess:
         self._cpu_seconds = max(self._cpu_seconds, reported)
 
     def take_cpu_seconds(self) -> float:
-        """CPU time used since the last call (the driver lives through several incarnations)."""
+        """CPU time used since the last call, start-up excluded (the driver lives through several
+        incarnations)."""
         now = self.cpu_seconds()
-        taken, self._cpu_taken = now - self._cpu_taken, now
+        taken, self._cpu_taken = max(now - self._cpu_taken, 0.0), max(now, self._cpu_taken)
         return taken
+
+    def mark_training(self, reported: float) -> None:
+        """The process says it has started (its CPU time so far, ``reported``): what came before is its
+        start-up, which the job's J/sample leaves out (`startup_cpu_seconds`)."""
+        if self._startup_cpu is None:
+            self._startup_cpu = max(reported, 0.0)
+            self._cpu_taken = max(self._cpu_taken, self._startup_cpu)
+
+    @property
+    def startup_cpu_seconds(self) -> float:
+        """CPU time before `mark_training`; all of it for a process never marked."""
+        return self.cpu_seconds() if self._startup_cpu is None else min(self._startup_cpu, self.cpu_seconds())
+
+    def training_cpu_seconds(self) -> float:
+        """CPU time since `mark_training` (0 for a process never marked)."""
+        return max(self.cpu_seconds() - self.startup_cpu_seconds, 0.0)
 
     def wall_seconds(self) -> float:
         return time.monotonic() - self._started if self._started else 0.0

@@ -62,6 +62,8 @@ class JobRecord:
 @dataclass
 class DeviceUsageTotal:
     cpu_seconds: float = 0.0
+    """While training (`WorkerUsage.cpu_seconds`)."""
+    startup_cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
     joules: float = 0.0
     source: str = ""
@@ -98,6 +100,7 @@ class JobSupervisor:
         self._samples = 0
         self._usage: dict[str, DeviceUsageTotal] = {}
         """Per device: CPU-seconds, wall seconds and metered joules of the job's processes there."""
+        self._driver_startup_counted = False
 
     @property
     def job_id(self) -> str:
@@ -235,11 +238,15 @@ class JobSupervisor:
         for device_id, used in usage.items():
             total = self._usage.setdefault(device_id, DeviceUsageTotal())
             total.cpu_seconds += used.cpu_seconds
+            total.startup_cpu_seconds += used.startup_cpu_seconds
             total.wall_seconds += used.wall_seconds
             total.joules += used.joules
             total.source = used.energy_source or total.source
         mine = self._usage.setdefault(self._manager.me, DeviceUsageTotal())
         mine.cpu_seconds = max(mine.cpu_seconds, 0.0) + self._driver.take_cpu_seconds()
+        if not self._driver_startup_counted:
+            mine.startup_cpu_seconds += self._driver.startup_cpu_seconds
+            self._driver_startup_counted = True
         mine.wall_seconds = max(mine.wall_seconds, self._driver.wall_seconds())
         if final:
             self._record.update(**self._energy(live=False))
@@ -248,7 +255,12 @@ class JobSupervisor:
         """Joules per sample per device and in total: meters where devices have them, else the power model.
 
         While the job runs, devices are assumed busy on their worker threads (a live estimate); at the
-        end the measured CPU time of every job process is used.
+        end the measured CPU time of every job process while it trained is used, like the seconds per
+        sample (the sum of the steps' times). What each process used to start (imports, loading the
+        model and data, building and taking its share) is reported apart, per device, as
+        ``startup_joules`` (the power model's busy watts over that CPU time): a five-step job on the
+        testbed spent more on starting than on training, and its J/sample would compare start-ups, not
+        parallelisms.
         """
         plan = self._current.plan if self._current else None
         if plan is None or not self._samples:
@@ -270,7 +282,11 @@ class JobSupervisor:
                     device_id=device_id, wall=timedelta(seconds=wall), cpu_time=timedelta(seconds=cpu)))
                 joules, source = estimate.joules, f"model:{model.profile(device_id).name}"
             sources.add(source.split(":")[0])
-            report[device_id] = {"joules": joules, "joules_per_sample": joules / self._samples, "source": source}
+            startup = total.startup_cpu_seconds if total is not None else 0.0
+            startup_joules = model.device_joules(DeviceUsage(
+                device_id=device_id, wall=timedelta(0), cpu_time=timedelta(seconds=startup))).joules
+            report[device_id] = {"joules": joules, "joules_per_sample": joules / self._samples, "source": source,
+                                 "startup_cpu_seconds": startup, "startup_joules": startup_joules}
         total_joules = sum(r["joules"] for r in report.values())
         label = " + ".join(sorted(sources)) + (" (live estimate: CPUs assumed busy)" if live
                                                else " (measured CPU time)" if "model" in sources else "")

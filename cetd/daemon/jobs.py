@@ -176,6 +176,7 @@ class JobManager:
             stored.state, stored.reason = JobState.FAILED.value, str(error)
             self.store.save(stored)
             raise JobError(f"job {stored.job_id} refused: {error}") from None
+        driver.mark_training(float(described.get("cpu_seconds", 0.0)))  # loading model and data was its start-up
         logger.info("job %s described; asking the coordinator to launch it", stored.job_id)
         record.update(state=JobState.LAUNCHING)
         return json.dumps(described["description"])

@@ -103,6 +103,11 @@ class LocalWorkers:
         while True:
             event = await process.next_event()
             process.note_cpu_seconds(float(event.get("cpu_seconds", 0.0)))
+            if event.get("event") == "training":
+                process.mark_training(float(event.get("cpu_seconds", 0.0)))
+                if self.meters and job_id in self._meter_start:  # the meter, too, counts training from here
+                    self._meter_start[job_id] = sum(r.joules for r in read_meters(self.meters))
+                continue
             if event.get("event") == "failed":
                 reason, fatal = str(event.get("reason")), bool(event.get("fatal"))
                 logger.error("worker of job %s failed: %s", job_id, reason)
@@ -147,7 +152,8 @@ class LocalWorkers:
         if started is not None and self.meters:
             readings = read_meters(self.meters)
             joules, source = sum(r.joules for r in readings) - started, readings[0].source
-        return WorkerUsage(cpu_seconds=process.cpu_seconds(), wall_seconds=process.wall_seconds(), joules=joules,
+        return WorkerUsage(cpu_seconds=process.training_cpu_seconds(), startup_cpu_seconds=process.startup_cpu_seconds,
+                           wall_seconds=process.wall_seconds(), joules=joules,
                            energy_source=source, failure=failure, fatal=fatal)
 
     async def wait_all(self, timeout: float) -> None:

@@ -4,10 +4,12 @@ The daemon talks to it over stdin/stdout, one JSON object per line:
 
     daemon → process   {"role": "driver"|"worker", "job_id", "spec", "rank", "plan"?, "description"?,
                         "state_dir", "host", "threads", "checkpoint_dir", "device_id"}
-    process → daemon   {"event": "described", "description": {...}}            (driver only)
+    process → daemon   {"event": "described", "description": {...}, "cpu_seconds"}   (driver only)
     daemon → process   {"plan": {...}, "term": t, "resume": bool}               (driver, once per incarnation)
     process → daemon   {"event": "ready", "address": "host:port"}
     daemon → process   {"peers": {"1": ["host:port", "tls-name"], ...}}
+    process → daemon   {"event": "training", "cpu_seconds"}   (worker: its share is built and loaded; the CPU
+                        and metered energy before it are its start-up, kept apart from the job's J/sample)
     process → daemon   {"event": "step", ...} | {"event": "checkpoint", "step", "manifest"}   (driver)
     process → daemon   {"event": "lost", "reason", "failed_rank", "last_step", "checkpoint_step"} (driver:
                         a worker failed or a migration was asked; the daemon sends the next plan)
@@ -152,7 +154,7 @@ def run_driver(launch: dict[str, Any], link: DaemonLink) -> None:
     checkpoint_dir = Path(launch["checkpoint_dir"])
     driver = Driver(spec)
     description = driver.describe()
-    emit("described", description=json.loads(to_json(description)))
+    emit("described", description=json.loads(to_json(description)), cpu_seconds=cpu_seconds())
     while True:
         order = link.next()
         if order.get("stop"):
@@ -220,7 +222,7 @@ def run_worker_process(launch: dict[str, Any], link: DaemonLink) -> None:
         if os.environ.get("CETD_FAULT") == "truncate-activations":
             channel = _TruncatingChannel(channel)
         run_worker(spec, plan, rank, description, channel, checkpoint_dir=Path(launch["checkpoint_dir"]),
-                   device_id=launch["device_id"])
+                   device_id=launch["device_id"], on_training=lambda: emit("training", cpu_seconds=cpu_seconds()))
     emit("done", cpu_seconds=cpu_seconds())
 
 

@@ -164,6 +164,7 @@ def run_worker(
     recv_timeout: timedelta = timedelta(minutes=10),
     checkpoint_dir: Path | None = None,
     device_id: str = "",
+    on_training: Callable[[], None] | None = None,
 ) -> None:
     """Train worker ``rank``'s share of the job until the driver says finish (or stop).
 
@@ -180,6 +181,8 @@ def run_worker(
             checkpoint shard it sends (``<dir>/<job>/step-…/shard-rank<r>.safetensors``, the very bytes
             the driver stores); None keeps no replica.
         device_id: this device's ID, recorded in the shards (defaults to the plan's).
+        on_training: called once the share is built and loaded, just before the first step (the daemon
+            counts the CPU and energy before it as start-up, apart from the job's J/sample).
 
     Raises:
         JobError: the plan does not fit the model, or the driver sent an unknown control value.
@@ -217,6 +220,8 @@ def run_worker(
     reports_loss = rank == loss_rank(plan)
     recorder = _LossRecorder(share.module, num_micro_batches) if reports_loss else None
     fields = share.batch_fields
+    if on_training is not None:
+        on_training()
     for step in itertools.count(start.step + 1):
         control = _control(channel.recv(DRIVER_RANK, control_key(step), CONTROL_SPEC, timeout))
         if control is Control.STOP:

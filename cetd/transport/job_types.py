@@ -108,9 +108,13 @@ class WorkerUsage:
     """What a stopped worker used on its device."""
 
     cpu_seconds: float = 0.0
+    """CPU time while it trained: from its first step on."""
+    startup_cpu_seconds: float = 0.0
+    """CPU time before that: imports, building its share of the model, taking its weights (all of it, for a
+    worker that never began training). Not part of the job's J/sample; reported beside it."""
     wall_seconds: float = 0.0
     joules: float = 0.0
-    """Measured by the device's meter, else 0."""
+    """Measured by the device's meter while it trained, else 0."""
     energy_source: str = ""
     failure: str = ""
     """Why the worker failed, if it did."""

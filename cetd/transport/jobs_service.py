@@ -97,8 +97,9 @@ class JobsServicer(pb_grpc.JobsServicer):
 
     async def StopWorker(self, request: pb.JobRequest, context: Context) -> pb.WorkerAck:
         usage = await answer(context, self._handler.stop_worker(request.job_id, CALLER.get()))
-        return pb.WorkerAck(cpu_seconds=usage.cpu_seconds, wall_seconds=usage.wall_seconds, joules=usage.joules,
-                            energy_source=usage.energy_source, failure=usage.failure, fatal=usage.fatal)
+        return pb.WorkerAck(cpu_seconds=usage.cpu_seconds, startup_cpu_seconds=usage.startup_cpu_seconds,
+                            wall_seconds=usage.wall_seconds, joules=usage.joules, energy_source=usage.energy_source,
+                            failure=usage.failure, fatal=usage.fatal)
 
     async def Report(self, request: pb.JobReport, context: Context) -> pb.WorkerAck:
         await answer(context, self._handler.report(codec.status_from_wire(request.status), CALLER.get()))
@@ -197,8 +198,9 @@ class JobsClient:
     async def stop_worker(self, job_id: str, timeout: timedelta = DEFAULT_TIMEOUT) -> WorkerUsage:
         reply = await call_rpc(self._target, self._stub.StopWorker(pb.JobRequest(job_id=job_id),
                                                                 timeout=timeout.total_seconds()))
-        return WorkerUsage(cpu_seconds=reply.cpu_seconds, wall_seconds=reply.wall_seconds, joules=reply.joules,
-                           energy_source=reply.energy_source, failure=reply.failure, fatal=reply.fatal)
+        return WorkerUsage(cpu_seconds=reply.cpu_seconds, startup_cpu_seconds=reply.startup_cpu_seconds,
+                           wall_seconds=reply.wall_seconds, joules=reply.joules, energy_source=reply.energy_source,
+                           failure=reply.failure, fatal=reply.fatal)
 
     async def report(self, status: JobStatus, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
         await call_rpc(self._target, self._stub.Report(pb.JobReport(status=codec.status_to_wire(status)),

@@ -431,16 +431,20 @@ class WorkerAck(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CPU_SECONDS_FIELD_NUMBER: _builtins.int
+    STARTUP_CPU_SECONDS_FIELD_NUMBER: _builtins.int
     WALL_SECONDS_FIELD_NUMBER: _builtins.int
     JOULES_FIELD_NUMBER: _builtins.int
     ENERGY_SOURCE_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
     FATAL_FIELD_NUMBER: _builtins.int
     cpu_seconds: _builtins.float
-    """StopWorker: what the stopped worker used on its device (for the job's energy account)."""
+    """StopWorker: what the stopped worker used on its device (for the job's energy account): CPU while it
+    trained, and apart from it the CPU it took to start (imports, building its share, taking its weights).
+    """
+    startup_cpu_seconds: _builtins.float
     wall_seconds: _builtins.float
     joules: _builtins.float
-    """Measured joules when the device has a meter (energy_source "meter:<kind>"), else 0."""
+    """Measured joules while it trained when the device has a meter (energy_source "meter:<kind>"), else 0."""
     energy_source: _builtins.str
     failure: _builtins.str
     """Why the worker failed, if it did; fatal when re-planning cannot help (a protocol violation)."""
@@ -449,6 +453,7 @@ class WorkerAck(_message.Message):
         self,
         *,
         cpu_seconds: _builtins.float = ...,
+        startup_cpu_seconds: _builtins.float = ...,
         wall_seconds: _builtins.float = ...,
         joules: _builtins.float = ...,
         energy_source: _builtins.str = ...,
@@ -457,7 +462,7 @@ class WorkerAck(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_seconds", b"cpu_seconds", "energy_source", b"energy_source", "failure", b"failure", "fatal", b"fatal", "joules", b"joules", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_seconds", b"cpu_seconds", "energy_source", b"energy_source", "failure", b"failure", "fatal", b"fatal", "joules", b"joules", "startup_cpu_seconds", b"startup_cpu_seconds", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

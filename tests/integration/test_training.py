@@ -109,6 +109,14 @@ def train_and_compare(household: Household, data: dict[str, Path], tmp_path: Pat
     assert len({w["device_id"] for w in plan["workers"]}) == devices, "each share on its own device"
     assert job["seconds_per_sample"] > 0
     assert job["joules_per_sample"] > 0
+    # Every device's J/sample covers its training; what its processes used to start (importing torch,
+    # building and taking its share, seconds of CPU) is reported apart, also from remote devices.
+    energy = job["energy"]
+    assert {w["device_id"] for w in plan["workers"]} <= set(energy)
+    assert sum(row["joules"] for row in energy.values()) / (STEPS * 8) == pytest.approx(job["joules_per_sample"])
+    for device_id, row in energy.items():
+        assert row["startup_cpu_seconds"] > 0.3, device_id
+        assert row["startup_joules"] > 0, device_id
 
     assert len(losses) == STEPS
     loss_gap = max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))
