@@ -62,8 +62,10 @@ FULL = JobSettings(steps=5, global_batch=32, micro_batches=4, seq_len=32, timeou
 """The paper's sequence length, a quarter of its global batch (128): steps of ≈ 0.1–10 s on these devices.
 The first job of a model also waits for every device to profile its shape: about 3 minutes on the
 heterogeneous set, whose 20% device then runs 5 tensor-parallel steps of 7–10 s."""
-QUICK = JobSettings(steps=3, global_batch=16, micro_batches=4, seq_len=16, timeout=timedelta(minutes=2))
-"""A smoke run: steps shorter than the CFS period (100 ms) for the small models, so noisier figures."""
+QUICK = JobSettings(steps=3, global_batch=16, micro_batches=4, seq_len=16, timeout=timedelta(minutes=5))
+"""A smoke run: steps shorter than the CFS period (100 ms) for the small models, so noisier figures. The
+first job of a model (single) also waits for the four devices to profile its shape one after another:
+2 minutes and more here, so a shorter limit timed out every single-device job."""
 
 
 def write_data(root: Path, lines: int = 256) -> dict[str, Path]:
@@ -119,7 +121,7 @@ def memory_cap(models: list[ScaledModel], data: dict[str, Path], settings: JobSe
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.parallelisms.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="homogeneous set only, smaller and fewer steps (≈ 5 min)")
+    parser.add_argument("--quick", action="store_true", help="homogeneous set only, smaller and fewer steps (≈ 15 min: each model's first job waits for its profiling)")
     parser.add_argument("--steps", type=int, default=0, help="steps per job (default 5, or 3 with --quick)")
     parser.add_argument("--sets", default="", help=f"device sets, comma-separated: {', '.join(DEVICE_SETS)}")
     parser.add_argument("--models", default=",".join(PAPER_MODELS), help="models, comma-separated")
