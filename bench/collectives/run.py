@@ -113,6 +113,42 @@ def summarise(device_set: DeviceSet, members: list[dict[str, float]], numel: int
     }
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+def _table(console: Console, title: str, columns: tuple[str, ...], lines: list[list[str]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right")
+    for line in lines:
+        table.add_row(*line)
+    console.print(table)
+
+
+def print_tables(console: Console, rows: list[dict[str, Any]], numel: int) -> None:
+    """The ring against its forecast; the same tensor exchanged whole beside it; CPU per ring round."""
+    _table(console, f"ring all-reduce of {numel * 4} bytes among 4 testbed hosts, ms",
+           ("set", "measured", "forecast", "error", "ring CPU ÷ quota", "compute, then ring", "both alone"),
+           [[r["device_set"], _ms(r["ring_seconds"]), _ms(r["forecast_seconds"]), f"{r['forecast_error']:+.0%}",
+             _ms(r["cpu_bound_seconds"]), _ms(r["compute_then_ring_seconds"]), _ms(r["sum_alone_seconds"])]
+            for r in rows])
+    _table(console, "the same all-reduce exchanged whole (one round of n − 1 copies), side by side, ms",
+           ("set", "round the ring", "exchanged whole", "ring ÷ whole", "whole: forecast", "error",
+            "planner's ring threshold"),
+           [[r["device_set"], _ms(r["ring_seconds"]), _ms(r["whole_seconds"]), f"{r['ring_over_whole']:.2f}×",
+             _ms(r["whole_forecast_seconds"]), f"{r['whole_forecast_error']:+.0%}",
+             f"{r['planned_ring_min_bytes'] / 1024:.0f} KiB"] for r in rows])
+
+    def each(values: list[float]) -> str:
+        return " / ".join(_ms(v) for v in values)
+
+    _table(console, "CPU ms per member per ring round (one value per host), and the profile's hop",
+           ("set", "in the 4-host ring", "2-member ring inside the device", "profile hop (CPU ÷ share)"),
+           [[r["device_set"], each(r["ring_round_cpu"]), each(r["pair_round_cpu"]), each(r["profile_hop_seconds"])]
+            for r in rows])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--numel", type=int, default=8 * 32 * 96, help="float32 elements all-reduced")
@@ -126,32 +162,7 @@ def main() -> None:
         return
     started = time.monotonic()
     rows = [summarise(s, measure(s, args.numel, args.repeats), args.numel) for s in (HOMOGENEOUS, HETEROGENEOUS)]
-    table = Table(title=f"ring all-reduce of {args.numel * 4} bytes among 4 testbed hosts, ms")
-    for column in ("set", "measured", "forecast", "error", "ring CPU ÷ quota", "compute, then ring", "both alone"):
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(row["device_set"], f"{row['ring_seconds'] * 1e3:.2f}", f"{row['forecast_seconds'] * 1e3:.2f}",
-                      f"{row['forecast_error']:+.0%}", f"{row['cpu_bound_seconds'] * 1e3:.2f}",
-                      f"{row['compute_then_ring_seconds'] * 1e3:.2f}", f"{row['sum_alone_seconds'] * 1e3:.2f}")
-    console.print(table)
-    whole = Table(title="the same all-reduce exchanged whole (one round of n − 1 copies), side by side, ms")
-    for column in ("set", "round the ring", "exchanged whole", "ring ÷ whole", "whole: forecast", "error",
-                   "planner's ring threshold"):
-        whole.add_column(column, justify="right")
-    for row in rows:
-        whole.add_row(row["device_set"], f"{row['ring_seconds'] * 1e3:.2f}", f"{row['whole_seconds'] * 1e3:.2f}",
-                      f"{row['ring_over_whole']:.2f}×", f"{row['whole_forecast_seconds'] * 1e3:.2f}",
-                      f"{row['whole_forecast_error']:+.0%}", f"{row['planned_ring_min_bytes'] / 1024:.0f} KiB")
-    console.print(whole)
-    rounds = Table(title="CPU ms per member per ring round (one value per host), and the profile's hop")
-    for column in ("set", "in the 4-host ring", "2-member ring inside the device", "profile hop (CPU ÷ share)"):
-        rounds.add_column(column, justify="right")
-    for row in rows:
-        def ms(values: list[float]) -> str:
-            return " / ".join(f"{v * 1e3:.2f}" for v in values)
-        rounds.add_row(row["device_set"], ms(row["ring_round_cpu"]), ms(row["pair_round_cpu"]),
-                       ms(row["profile_hop_seconds"]))
-    console.print(rounds)
+    print_tables(console, rows, args.numel)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"benchmark": "collectives", "created": time.time(), "machine": platform.node(),
                                        "numel": args.numel, "repeats": args.repeats, "cpu_period_us": CPU_PERIOD_US,
