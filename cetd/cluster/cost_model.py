@@ -53,6 +53,7 @@ from cetd.cluster.transport_costs import (
     all_reduce_seconds,
     ring_all_reduce_seconds,
     ring_min_bytes,
+    uses_ring,
 )
 from cetd.errors import JobError
 from cetd.runtime.schedules import ActionKind, build_schedule
@@ -391,7 +392,7 @@ def _tensor(spec: JobSpec, description: ModelDescription, costs: ModelCosts, pla
     link = _slowest_link(links, members)
     reduce = all_reduce_seconds(size, ways, link.bandwidth_bytes_per_second, link.latency_seconds,
                                 Messaging.slowest(messaging(m) for m in members), plan.ring_min_bytes)
-    ring = size >= plan.ring_min_bytes and size >= ways
+    ring = uses_ring(size, ways, plan.ring_min_bytes)
     block = max(_shard_block_seconds(micro * speed[w.device_id], offers[w.device_id], h / description.num_heads)
                 for w, h in zip(ordered, heads, strict=True))
     ends = max(micro * speed[w.device_id] * (costs.embedding_blocks + costs.head_blocks) for w in ordered)

@@ -28,6 +28,7 @@ __all__ = [
     "direct_all_reduce_seconds",
     "ring_all_reduce_seconds",
     "ring_min_bytes",
+    "uses_ring",
 ]
 
 MESSAGE_SECONDS = 0.25e-3
@@ -92,11 +93,16 @@ def direct_all_reduce_seconds(size: float, members: int, bandwidth: float, laten
     return max(wire, work)
 
 
+def uses_ring(size: float, members: int, threshold: float) -> bool:
+    """Whether `cetd.runtime.collectives.all_reduce_` sends ``size`` bytes round a ring: from ``threshold``
+    bytes (and a byte per member at least), else it exchanges them whole."""
+    return size >= threshold and size >= members
+
+
 def all_reduce_seconds(size: float, members: int, bandwidth: float, latency: float, cpu: Messaging | None,
                        threshold: float) -> float:
-    """The all-reduce `cetd.runtime.collectives.all_reduce_` runs for ``size`` bytes: round a ring from
-    ``threshold`` bytes (and at least a byte per member), else exchanged whole."""
-    if size >= threshold and size >= members:
+    """The all-reduce `cetd.runtime.collectives.all_reduce_` runs for ``size`` bytes (`uses_ring`)."""
+    if uses_ring(size, members, threshold):
         return ring_all_reduce_seconds(size, members, bandwidth, latency, cpu)
     return direct_all_reduce_seconds(size, members, bandwidth, latency, cpu)
 
