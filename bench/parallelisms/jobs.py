@@ -41,6 +41,8 @@ REFUSED_EXIT = 65
 _MEMORY_REFUSAL = re.compile(r"to train on one device|whole model on every device|fits in the devices' memory")
 """The planner's two refusals for memory (`cetd.cluster.planner`): the model, or no plan, fits."""
 SUBMITTER = 0
+MISS = 0.2
+"""The forecast error the study holds each job to (issue 5: predicted step time within 20% of measured)."""
 """The host whose daemon every job is submitted to (and so runs the job's driver)."""
 
 
@@ -98,6 +100,10 @@ class JobOutcome:
     message_ms: list[float | None] = field(default_factory=list)
     """Per host, the milliseconds per message hop its profiles answered the plan (`pooled_message_costs`),
     read after the job; None where none was measured."""
+    rerun_seconds_per_sample: float | None = None
+    """A job whose forecast missed by more than `MISS`, submitted again at the end of its device set (a fresh
+    plan from the same household): its steady-state s/sample. None where not rerun."""
+    rerun_predicted_seconds_per_sample: float | None = None
 
     @property
     def prediction_error(self) -> float | None:
@@ -105,6 +111,26 @@ class JobOutcome:
         if not self.seconds_per_sample or not self.predicted_seconds_per_sample:
             return None
         return self.predicted_seconds_per_sample / self.seconds_per_sample - 1
+
+    @property
+    def missed(self) -> bool:
+        """Whether the forecast is off by more than `MISS` either way."""
+        return self.prediction_error is not None and abs(self.prediction_error) > MISS
+
+    @property
+    def rerun_error(self) -> float | None:
+        """The rerun's predicted over its measured s/sample, minus one."""
+        if not self.rerun_seconds_per_sample or not self.rerun_predicted_seconds_per_sample:
+            return None
+        return self.rerun_predicted_seconds_per_sample / self.rerun_seconds_per_sample - 1
+
+    @property
+    def rerun_drift(self) -> float | None:
+        """The rerun's measured over the first run's measured s/sample, minus one: how far the same job on the
+        same devices moved between two runs minutes apart, which no forecast made before either can follow."""
+        if not self.rerun_seconds_per_sample or not self.seconds_per_sample:
+            return None
+        return self.rerun_seconds_per_sample / self.seconds_per_sample - 1
 
 
 def _reader(stream: Any, lines: list[tuple[float, str]], testbed: Testbed, readings: list[Reading]) -> None:

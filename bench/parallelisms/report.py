@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .jobs import JobOutcome
+from .jobs import MISS, JobOutcome
 
 PARALLELISMS = ("single", "data", "tensor", "pipeline")
 _COLOURS = {"single": "#7f7f7f", "data": "#1f77b4", "tensor": "#d62728", "pipeline": "#2ca02c"}
@@ -37,12 +37,20 @@ def _placement(outcome: JobOutcome) -> str:
     return " ".join(f"h{w['host']}·{w['cpu_fraction']:.0%}" for w in outcome.workers)
 
 
+def _rerun(outcome: JobOutcome) -> str:
+    error, drift = outcome.rerun_error, outcome.rerun_drift
+    if error is None or drift is None:
+        return ""
+    return f"{error:+.0%} · {drift:+.0%}"
+
+
 def print_tables(outcomes: Sequence[JobOutcome], console: Console) -> None:
     """One table per device set; then which parallelism wins per model on time and on energy."""
     for device_set in dict.fromkeys(o.device_set for o in outcomes):
         table = Table(title=f"{device_set} devices — steady state (steps 2..N)")
         for column in ("model", "parallelism", "status", "s/sample", "J/sample (bench)", "s/sample (cetctl)",
-                       "J/sample (cetctl)", "predicted s/sample", "pred. error", "placement host·CPU[:blocks]"):
+                       "J/sample (cetctl)", "predicted s/sample", "pred. error", "rerun: error · moved",
+                       "placement host·CPU[:blocks]"):
             table.add_column(column, justify="left" if column in ("model", "parallelism", "status") else "right")
         rows = [o for o in outcomes if o.device_set == device_set]
         for outcome in rows:
@@ -51,7 +59,7 @@ def print_tables(outcomes: Sequence[JobOutcome], console: Console) -> None:
             table.add_row(outcome.model, outcome.parallelism, status, _number(outcome.seconds_per_sample),
                           _number(outcome.bench_joules_per_sample), _number(outcome.product_seconds_per_sample),
                           _number(outcome.product_joules_per_sample), _number(outcome.predicted_seconds_per_sample),
-                          "—" if error is None else f"{error:+.0%}", _placement(outcome))
+                          "—" if error is None else f"{error:+.0%}", _rerun(outcome), _placement(outcome))
         console.print(table)
         for model in dict.fromkeys(o.model for o in rows):
             ran = [o for o in rows if o.model == model and o.seconds_per_sample and o.bench_joules_per_sample]
@@ -77,17 +85,24 @@ def prediction_summary(outcomes: Sequence[JobOutcome]) -> dict[str, Any]:
         middle = len(ordered) // 2
         median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
         return {"jobs": len(errors), "median": median, "min": ordered[0], "max": ordered[-1],
-                "median_abs": sorted(abs(e) for e in errors)[middle]}
+                "median_abs": sorted(abs(e) for e in errors)[middle],
+                "within": sum(abs(e) <= MISS for e in errors)}
 
     summary = {p: stats([e for o in outcomes if o.parallelism == p and (e := o.prediction_error) is not None])
                for p in PARALLELISMS}
     summary["all"] = stats([e for o in outcomes if (e := o.prediction_error) is not None])
+    reran = [(o.rerun_error, o.rerun_drift) for o in outcomes if o.rerun_error is not None and o.rerun_drift is not None]
+    summary["reruns"] = {"jobs": len(reran)} if not reran else {
+        "jobs": len(reran), "error_min": min(e for e, _ in reran), "error_max": max(e for e, _ in reran),
+        "drift_min": min(d for _, d in reran), "drift_max": max(d for _, d in reran),
+        "within": sum(abs(e) <= MISS for e, _ in reran)}
     return summary
 
 
 def write_json(path: Path, meta: dict[str, Any], outcomes: Sequence[JobOutcome]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    jobs = [{**asdict(o), "prediction_error": o.prediction_error} for o in outcomes]
+    jobs = [{**asdict(o), "prediction_error": o.prediction_error, "rerun_error": o.rerun_error,
+             "rerun_drift": o.rerun_drift} for o in outcomes]
     path.write_text(json.dumps({**meta, "prediction_error": prediction_summary(outcomes), "jobs": jobs}, indent=2)
                     + "\n")
 

@@ -17,7 +17,10 @@ single-device, data, tensor and pipeline parallelism and reports seconds and jou
   model fits no single device, as in the paper;
 - jobs: global batch 32, sequence 32 (the paper's 128 ÷ 4, and its 32), 4 micro-batches, 5 steps
   (``--quick``: batch 16, sequence 16, 3 steps, homogeneous set only); step 1 (start-up) is left out of
-  the steady-state figures (`bench.parallelisms.jobs`).
+  the steady-state figures (`bench.parallelisms.jobs`);
+- reruns: at the end of each set, every job whose forecast missed by more than 20% is submitted once more
+  and both runs are kept (``--no-rerun`` skips this). The first run's figures stay the study's; the rerun
+  shows how far the same job on the same devices moves between runs minutes apart.
 
 Prints a table per device set, writes ``parallelisms.json`` and ``parallelisms.png`` to the output
 folder. Needs root (namespaces, cgroups); without it, it says so and exits 0 without measuring.
@@ -43,7 +46,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from rich.console import Console
 
-from bench.parallelisms.jobs import ENERGY_PROFILE, JobOutcome, JobSettings, run_job
+from bench.parallelisms.jobs import ENERGY_PROFILE, MISS, JobOutcome, JobSettings, run_job
 from bench.parallelisms.report import PARALLELISMS, plot, prediction_summary, print_tables, write_json
 from bench.parallelisms.shapes import DEPTH_DIVISOR, PAPER_MODELS, WIDTH_DIVISOR, ScaledModel, build_scaled_models
 from bench.parallelisms.testbed import (
@@ -126,6 +129,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sets", default="", help=f"device sets, comma-separated: {', '.join(DEVICE_SETS)}")
     parser.add_argument("--models", default=",".join(PAPER_MODELS), help="models, comma-separated")
     parser.add_argument("--parallelisms", default=",".join(PARALLELISMS), help="parallelisms, comma-separated")
+    parser.add_argument("--no-rerun", action="store_true",
+                        help=f"do not submit again, at the end of each set, the jobs whose forecast missed by more than {MISS:.0%}")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
@@ -175,13 +180,19 @@ def main(argv: list[str] | None = None) -> int:
         outcomes: list[JobOutcome] = []
         for device_set in sets:
             outcomes.extend(_run_set(console, root / device_set.name, device_set, models, data, parallelisms,
-                                     settings, cap))
+                                     settings, cap, rerun=not args.no_rerun))
     elapsed = time.monotonic() - started
     print_tables(outcomes, console)
     summary = prediction_summary(outcomes)["all"]
     if summary["jobs"]:
         console.print(f"planner's predicted s/sample vs measured: median {summary['median']:+.0%} "
-                      f"(from {summary['min']:+.0%} to {summary['max']:+.0%}) over {summary['jobs']} jobs")
+                      f"(from {summary['min']:+.0%} to {summary['max']:+.0%}) over {summary['jobs']} jobs; "
+                      f"within {MISS:.0%}: {summary['within']} of {summary['jobs']}")
+    reruns = prediction_summary(outcomes)["reruns"]
+    if reruns["jobs"]:
+        console.print(f"the {reruns['jobs']} missed job(s) run again: measured s/sample moved by "
+                      f"{reruns['drift_min']:+.0%} to {reruns['drift_max']:+.0%}; their new forecasts missed by "
+                      f"{reruns['error_min']:+.0%} to {reruns['error_max']:+.0%}")
     meta = _meta(models, needs, cap, settings, sets, elapsed, quick=args.quick)
     suffix = "-quick" if args.quick else ""
     json_path, png_path = args.output_dir / f"parallelisms{suffix}.json", args.output_dir / f"parallelisms{suffix}.png"
@@ -209,7 +220,10 @@ def _describe(console: Console, models: list[ScaledModel], needs: dict[str, int]
 
 def _run_set(console: Console, root: Path, device_set: DeviceSet, models: list[ScaledModel],
              data: dict[str, Path], parallelisms: tuple[str, ...], settings: JobSettings,
-             cap: int) -> list[JobOutcome]:
+             cap: int, *, rerun: bool) -> list[JobOutcome]:
+    """Every model × parallelism on one device set; then, with ``rerun``, each job whose forecast missed once
+    more (`JobOutcome.rerun_drift`): the first run's figures stay the study's, the rerun only measures how far
+    the same job moves between two runs on this rig."""
     outcomes = []
     with testbed(root, device_set, memory_limit_bytes=cap) as bed:
         console.print(f"[bold]{device_set.name}[/]: household of {len(bed.household.daemons)} up")
@@ -218,11 +232,23 @@ def _run_set(console: Console, root: Path, device_set: DeviceSet, models: list[S
                 outcome = run_job(bed, model=model.name, folder=model.folder, data=data[model.task],
                                   parallelism=parallelism, settings=settings)
                 outcomes.append(outcome)
-                measured = (f"{outcome.seconds_per_sample:.4f} s/sample, {outcome.bench_joules_per_sample:.3f} J/sample"
-                            if outcome.seconds_per_sample and outcome.bench_joules_per_sample else outcome.reason)
-                console.print(f"  {model.name:<11} {parallelism:<9} {outcome.status:<8} {measured} "
-                              f"({outcome.wall_seconds:.0f} s)")
+                _print_job(console, outcome)
+        for outcome in [o for o in outcomes if o.missed] if rerun else []:
+            model = next(m for m in models if m.name == outcome.model)
+            again = run_job(bed, model=model.name, folder=model.folder, data=data[model.task],
+                            parallelism=outcome.parallelism, settings=settings)
+            outcome.rerun_seconds_per_sample = again.seconds_per_sample
+            outcome.rerun_predicted_seconds_per_sample = again.predicted_seconds_per_sample
+            _print_job(console, again, "rerun ")
     return outcomes
+
+
+def _print_job(console: Console, outcome: JobOutcome, label: str = "") -> None:
+    measured = (f"{outcome.seconds_per_sample:.4f} s/sample, {outcome.bench_joules_per_sample:.3f} J/sample"
+                if outcome.seconds_per_sample and outcome.bench_joules_per_sample else outcome.reason)
+    error = outcome.prediction_error
+    console.print(f"  {label}{outcome.model:<11} {outcome.parallelism:<9} {outcome.status:<8} {measured}"
+                  + ("" if error is None else f", forecast {error:+.0%}") + f" ({outcome.wall_seconds:.0f} s)")
 
 
 def _meta(models: list[ScaledModel], needs: dict[str, int], cap: int, settings: JobSettings, sets: list[DeviceSet],
