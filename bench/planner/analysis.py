@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cetd.cluster.cost_model as cost_model
+import cetd.cluster.shape_costs as shape_costs
 from bench.planner.rig import DeviceSetup, JobRun
 from cetd.cluster.cost_model import DeviceOffer, Link, pipeline_seconds
 from cetd.cluster.planner import pipeline_plan
@@ -125,13 +125,14 @@ def pooled_median_step(runs: Sequence[JobRun]) -> float:
 
 @contextlib.contextmanager
 def calibrated(*, head_efficiency: float, embedding_blocks: float) -> Iterator[None]:
-    """The cost model's `HEAD_EFFICIENCY` and `EMBEDDING_BLOCKS` replaced for the block's duration."""
-    saved = cost_model.HEAD_EFFICIENCY, cost_model.EMBEDDING_BLOCKS
-    cost_model.HEAD_EFFICIENCY, cost_model.EMBEDDING_BLOCKS = head_efficiency, embedding_blocks
+    """The cost model's `HEAD_EFFICIENCY` and `EMBEDDING_BLOCKS` (`cetd.cluster.shape_costs`, where
+    `model_costs` reads them) replaced for the block's duration."""
+    saved = shape_costs.HEAD_EFFICIENCY, shape_costs.EMBEDDING_BLOCKS
+    shape_costs.HEAD_EFFICIENCY, shape_costs.EMBEDDING_BLOCKS = head_efficiency, embedding_blocks
     try:
         yield
     finally:
-        cost_model.HEAD_EFFICIENCY, cost_model.EMBEDDING_BLOCKS = saved
+        shape_costs.HEAD_EFFICIENCY, shape_costs.EMBEDDING_BLOCKS = saved
 
 
 def measured_loads(parts: Mapping[str, Any]) -> tuple[float, float]:
@@ -142,6 +143,6 @@ def measured_loads(parts: Mapping[str, Any]) -> tuple[float, float]:
 
 def head_efficiency_for(spec: JobSpec, description: ModelDescription, head_blocks: float) -> float:
     """The `HEAD_EFFICIENCY` under which the cost model's head load is ``head_blocks``."""
-    with calibrated(head_efficiency=1.0, embedding_blocks=cost_model.EMBEDDING_BLOCKS):
-        per_unit = cost_model.model_costs(spec, description).head_blocks
+    with calibrated(head_efficiency=1.0, embedding_blocks=shape_costs.EMBEDDING_BLOCKS):
+        per_unit = shape_costs.model_costs(spec, description).head_blocks
     return head_blocks / per_unit

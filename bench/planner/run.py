@@ -70,7 +70,7 @@ from bench.planner.analysis import (
 )
 from bench.planner.report import VIEWS, Row, print_tables, verdicts
 from bench.planner.rig import DeviceSetup, Rig
-from cetd.cluster import cost_model
+from cetd.cluster import shape_costs
 from cetd.cluster.cost_model import DeviceOffer, Link, predict
 from cetd.cluster.planner import PlannedJob, even_pipeline_plan, plan_with_prediction
 from cetd.runtime.spec import JobSpec, ModelDescription
@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_tables(console, rows, fractions, micro_batches, spec.global_batch, summary)
     elapsed = time.perf_counter() - started
     head, embedding = measured_loads(profiles["A"]["parts"])
-    model = cost_model.model_costs(spec, description)
+    model = shape_costs.model_costs(spec, description)
     console.print(f"head + loss = {head:.2f} blocks measured, {model.head_blocks:.2f} in the cost model; "
                   f"embedding = {embedding:.2f} measured, {model.embedding_blocks:.2f} modelled")
     console.print("best of all " + str(len(list(itertools.permutations(NAMES))) * len(partitions(args.layers, 3)))
@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "load_free": {n: o.block_seconds for n, o in offers.load_free.items()}},
         "cost_model": {"head_blocks": model.head_blocks, "embedding_blocks": model.embedding_blocks,
                        "measured_head_blocks": head, "measured_embedding_blocks": embedding,
-                       "head_efficiency": cost_model.HEAD_EFFICIENCY,
+                       "head_efficiency": shape_costs.HEAD_EFFICIENCY,
                        "head_efficiency_fitting_measurement": head_efficiency_for(spec, description, head),
                        "runtime_cpu_over_isolated_parts": overhead},
         "plans": {name: {"partition": Candidate(chain=chain_of(p.plan, names), ranges=ranges_of(p.plan)).key,

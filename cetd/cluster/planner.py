@@ -28,27 +28,29 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from cetd.cluster.cost_model import (
-    OPTIMIZER_COPIES,
-    RUNTIME_OVERHEAD_BYTES,
     DeviceOffer,
     LinkMap,
-    ModelCosts,
     Prediction,
-    activation_bytes,
     block_seconds_per_sample,
     boundary_seconds,
-    bytes_per_number,
-    in_flight,
     link_between,
-    measured_costs,
     power_profile,
     predict,
-    stage_memory,
     stage_message_seconds,
     tensor_ring_min_bytes,
-    training_memory,
 )
 from cetd.cluster.power import PowerProfile
+from cetd.cluster.shape_costs import (
+    OPTIMIZER_COPIES,
+    RUNTIME_OVERHEAD_BYTES,
+    ModelCosts,
+    activation_bytes,
+    bytes_per_number,
+    in_flight,
+    measured_costs,
+    stage_memory,
+    training_memory,
+)
 from cetd.errors import JobError
 from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, Objective, Parallelism, WorkerAssignment
 

@@ -8,17 +8,15 @@ from dataclasses import replace
 import pytest
 
 from cetd.cluster.cost_model import (
-    RUNTIME_OVERHEAD_BYTES,
     DeviceOffer,
     Link,
     estimated_block_seconds,
-    model_costs,
     predict,
     tensor_ring_min_bytes,
-    training_memory,
 )
 from cetd.cluster.planner import pipeline_plan, plan_job
 from cetd.cluster.power import BUILTIN_PROFILES
+from cetd.cluster.shape_costs import RUNTIME_OVERHEAD_BYTES, model_costs, training_memory
 from cetd.cluster.transport_costs import (
     MAX_RING_MIN_BYTES,
     Messaging,
