@@ -108,9 +108,7 @@ class JobOutcome:
     @property
     def prediction_error(self) -> float | None:
         """Predicted over measured steady-state s/sample, minus one."""
-        if not self.seconds_per_sample or not self.predicted_seconds_per_sample:
-            return None
-        return self.predicted_seconds_per_sample / self.seconds_per_sample - 1
+        return _excess(self.predicted_seconds_per_sample, self.seconds_per_sample)
 
     @property
     def missed(self) -> bool:
@@ -120,17 +118,18 @@ class JobOutcome:
     @property
     def rerun_error(self) -> float | None:
         """The rerun's predicted over its measured s/sample, minus one."""
-        if not self.rerun_seconds_per_sample or not self.rerun_predicted_seconds_per_sample:
-            return None
-        return self.rerun_predicted_seconds_per_sample / self.rerun_seconds_per_sample - 1
+        return _excess(self.rerun_predicted_seconds_per_sample, self.rerun_seconds_per_sample)
 
     @property
     def rerun_drift(self) -> float | None:
         """The rerun's measured over the first run's measured s/sample, minus one: how far the same job on the
         same devices moved between two runs minutes apart, which no forecast made before either can follow."""
-        if not self.rerun_seconds_per_sample or not self.seconds_per_sample:
-            return None
-        return self.rerun_seconds_per_sample / self.seconds_per_sample - 1
+        return _excess(self.rerun_seconds_per_sample, self.seconds_per_sample)
+
+
+def _excess(value: float | None, reference: float | None) -> float | None:
+    """``value`` over ``reference``, minus one; None where either is missing or zero."""
+    return value / reference - 1 if value and reference else None
 
 
 def _reader(stream: Any, lines: list[tuple[float, str]], testbed: Testbed, readings: list[Reading]) -> None:
