@@ -41,9 +41,9 @@ REFUSED_EXIT = 65
 _MEMORY_REFUSAL = re.compile(r"to train on one device|whole model on every device|fits in the devices' memory")
 """The planner's two refusals for memory (`cetd.cluster.planner`): the model, or no plan, fits."""
 SUBMITTER = 0
+"""The host whose daemon every job is submitted to (and so runs the job's driver)."""
 MISS = 0.2
 """The forecast error the study holds each job to (issue 5: predicted step time within 20% of measured)."""
-"""The host whose daemon every job is submitted to (and so runs the job's driver)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -183,12 +183,12 @@ def main(argv: list[str] | None = None) -> int:
                                      settings, cap, rerun=not args.no_rerun))
     elapsed = time.monotonic() - started
     print_tables(outcomes, console)
-    summary = prediction_summary(outcomes)["all"]
+    summaries = prediction_summary(outcomes)
+    summary, reruns = summaries["all"], summaries["reruns"]
     if summary["jobs"]:
         console.print(f"planner's predicted s/sample vs measured: median {summary['median']:+.0%} "
                       f"(from {summary['min']:+.0%} to {summary['max']:+.0%}) over {summary['jobs']} jobs; "
                       f"within {MISS:.0%}: {summary['within']} of {summary['jobs']}")
-    reruns = prediction_summary(outcomes)["reruns"]
     if reruns["jobs"]:
         console.print(f"the {reruns['jobs']} missed job(s) run again: measured s/sample moved by "
                       f"{reruns['drift_min']:+.0%} to {reruns['drift_max']:+.0%}; their new forecasts missed by "

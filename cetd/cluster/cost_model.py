@@ -80,6 +80,7 @@ __all__ = [
     "tensor_ring_min_bytes",
 ]
 
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Link:
     """A network path between two devices."""
