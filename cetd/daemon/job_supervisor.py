@@ -100,7 +100,6 @@ class JobSupervisor:
         self._samples = 0
         self._usage: dict[str, DeviceUsageTotal] = {}
         """Per device: CPU-seconds, wall seconds and metered joules of the job's processes there."""
-        self._driver_startup_counted = False
 
     @property
     def job_id(self) -> str:
@@ -244,9 +243,6 @@ class JobSupervisor:
             total.source = used.energy_source or total.source
         mine = self._usage.setdefault(self._manager.me, DeviceUsageTotal())
         mine.cpu_seconds = max(mine.cpu_seconds, 0.0) + self._driver.take_cpu_seconds()
-        if not self._driver_startup_counted:
-            mine.startup_cpu_seconds += self._driver.startup_cpu_seconds
-            self._driver_startup_counted = True
         mine.wall_seconds = max(mine.wall_seconds, self._driver.wall_seconds())
         if final:
             self._record.update(**self._energy(live=False))
@@ -283,6 +279,8 @@ class JobSupervisor:
                 joules, source = estimate.joules, f"model:{model.profile(device_id).name}"
             sources.add(source.split(":")[0])
             startup = total.startup_cpu_seconds if total is not None else 0.0
+            if device_id == self._manager.me:  # the driver starts once, whatever its incarnations
+                startup += self._driver.startup_cpu_seconds
             startup_joules = model.device_joules(DeviceUsage(
                 device_id=device_id, wall=timedelta(0), cpu_time=timedelta(seconds=startup))).joules
             report[device_id] = {"joules": joules, "joules_per_sample": joules / self._samples, "source": source,
