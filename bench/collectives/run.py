@@ -90,9 +90,9 @@ def summarise(device_set: DeviceSet, members: list[dict[str, float]], numel: int
     size, n = numel * 4, len(members)
     rounds = 2 * (n - 1)
     profiles = [Messaging(m["message_seconds"], m["byte_seconds"]) for m in members]
-    slowest_cpu = Messaging.slowest(profiles)
-    forecast = ring_all_reduce_seconds(size, n, LINK_MBIT * 1e6 / 8, 0.0, slowest_cpu)
-    whole_forecast = direct_all_reduce_seconds(size, n, LINK_MBIT * 1e6 / 8, 0.0, slowest_cpu)
+    slowest_cpu, bandwidth = Messaging.slowest(profiles), LINK_MBIT * 1e6 / 8
+    forecast = ring_all_reduce_seconds(size, n, bandwidth, 0.0, slowest_cpu)
+    whole_forecast = direct_all_reduce_seconds(size, n, bandwidth, 0.0, slowest_cpu)
     ring = max(m["ring_seconds"] for m in members)
     whole = max(m["whole_seconds"] for m in members)
     slowest = min(range(n), key=lambda i: device_set.cpu_fractions[i])
@@ -101,7 +101,7 @@ def summarise(device_set: DeviceSet, members: list[dict[str, float]], numel: int
         "ring_seconds": ring, "forecast_seconds": forecast, "forecast_error": forecast / ring - 1,
         "whole_seconds": whole, "whole_forecast_seconds": whole_forecast,
         "whole_forecast_error": whole_forecast / whole - 1, "ring_over_whole": ring / whole,
-        "planned_ring_min_bytes": ring_min_bytes(n, LINK_MBIT * 1e6 / 8, 0.0, slowest_cpu),
+        "planned_ring_min_bytes": ring_min_bytes(n, bandwidth, 0.0, slowest_cpu),
         "ring_round_cpu": [m["ring_cpu"] / rounds for m in members],
         "pair_round_cpu": [m["pair_round_cpu"] for m in members],
         "profile_hop_seconds": [p.hops(1, size / n) for p in profiles],
