@@ -211,7 +211,7 @@ class TransportProfile:
     """What `profile_transport` measured at its end."""
 
     hop_seconds: float
-    """Wall time of one small message's hop (half a ping-pong), in the median round (`SMALL_ROUNDS`)."""
+    """Wall time of one small message's hop (half a ping-pong)."""
     byte_seconds: float
     """Wall time per byte beyond that."""
     large_bytes: int
@@ -225,35 +225,15 @@ WARM_PHASE = "profile/warm"
 message's cost."""
 WARM_PASSES = 5
 
-SMALL_ROUNDS = 5
-"""Rounds the small messages are timed in, each its own phase with both ends' CPU; the median round is a
-hop's cost. On the study's testbed (a fifth of a core in 5 ms CFS periods) one pair of processes timed in
-one-second rounds back to back cost 3.4–4.9 ms per hop in most rounds but 5.8–7.7 ms in one of four or five,
-while workers in training paid about 4.4; tensor-parallel plans priced on a profile that caught such a spell
-missed by up to +60%. Five rounds a second apart (`ROUND_PAUSE_SECONDS`) kept ten profiles of five fresh
-pairs within 3.3–4.8 ms; the same five rounds back to back, within 3.5–6.1 ms."""
-
-ROUND_PAUSE_SECONDS = 1.0
-"""Idle time between two small rounds, so that one spell of costly hops spans fewer of them."""
-
-
-def _small(round_: int) -> str:
-    return f"profile/small/{round_}"
-
 
 def _phases(large: int) -> dict[str, torch.Tensor]:
     return {WARM_PHASE: torch.zeros(16, dtype=torch.float32),
-            **{_small(i): torch.zeros(16, dtype=torch.float32) for i in range(SMALL_ROUNDS)},
+            "profile/small": torch.zeros(16, dtype=torch.float32),
             "profile/large": torch.zeros(max(large // 4, 16), dtype=torch.float32)}
 
 
-def _is_small(phase: str) -> bool:
-    return phase.startswith("profile/small/")
-
-
 def profile_transport(near: PeerChannel, far_rank: int, *, repeats: int = 20, sustain: float = SUSTAIN_SECONDS,
-                      large: int = 1 << 20, timeout: float = 60.0,
-                      pause: float = ROUND_PAUSE_SECONDS) -> TransportProfile:
+                      large: int = 1 << 20, timeout: float = 60.0) -> TransportProfile:
     """Ping-pong with `echo_transport` at ``far_rank`` on this device: a hop's wall time, and this end's CPU.
 
     Run the echo in another process of this device (as the daemon's profiler does): a hop between two
@@ -278,16 +258,13 @@ def profile_transport(near: PeerChannel, far_rank: int, *, repeats: int = 20, su
                 ping_pong(name, tensor)
             ping_pong(name, torch.full_like(tensor, SENTINEL))
             continue
-        passes = repeats if _is_small(name) else max(2, repeats // 4)
-        if _is_small(name) and name != _small(0):
-            time.sleep(pause)
+        passes = repeats if name == "profile/small" else max(2, repeats // 4)
         started = cpu_seconds()
         hops[name] = _sustained(functools.partial(ping_pong, name, tensor), passes, sustain) / 2
         ping_pong(name, torch.full_like(tensor, SENTINEL))
         phases[name] = PhaseCost(messages=counters[name], cpu_seconds=cpu_seconds() - started)
     size = _phases(large)["profile/large"].numel() * 4
-    small_hop = statistics.median(hop for name, hop in hops.items() if _is_small(name))
-    big_hop = hops["profile/large"]
+    small_hop, big_hop = hops["profile/small"], hops["profile/large"]
     return TransportProfile(hop_seconds=small_hop, byte_seconds=max(big_hop - small_hop, 0.0) / size,
                             large_bytes=size, phases=phases)
 
@@ -323,7 +300,6 @@ def hop_cpu_seconds(profile: TransportProfile, echo: dict[str, PhaseCost], cpu_s
     device gives a worker (`ShapeTimes.cpu_share`). Unlike a ping-pong's wall time, this does not count
     the wait for a sleeping thread to be scheduled, which swung from run to run by 2× on the testbed's
     shared cores while the rings it stands for took each member's CPU ÷ its share (`bench.collectives`).
-    The small messages' cost is the median of their rounds' (`SMALL_ROUNDS`).
 
     Raises:
         ValueError: the two ends disagree on a phase's messages, or a share that is not positive.
@@ -336,6 +312,5 @@ def hop_cpu_seconds(profile: TransportProfile, echo: dict[str, PhaseCost], cpu_s
         if far is None or far.messages != near.messages or near.messages < 1:
             raise ValueError(f"the echo answered {far.messages if far else 0} of {near.messages} messages of {name}")
         per_hop[name] = (near.cpu_seconds + far.cpu_seconds) / (2 * near.messages) / cpu_share
-    small = statistics.median(cost for name, cost in per_hop.items() if _is_small(name))
-    big = per_hop["profile/large"]
+    small, big = per_hop["profile/small"], per_hop["profile/large"]
     return small, max(big - small, 0.0) / profile.large_bytes

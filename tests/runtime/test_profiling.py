@@ -81,15 +81,14 @@ def test_a_hop_is_timed_against_the_echo_and_every_message_is_consumed() -> None
     echoed: list[dict[str, PhaseCost]] = []
     echo = threading.Thread(target=lambda: echoed.append(echo_transport(far, 0, large=1 << 16)))
     echo.start()
-    timed = profile_transport(near, 1, repeats=3, sustain=0.02, large=1 << 16, pause=0.0)
+    timed = profile_transport(near, 1, repeats=3, sustain=0.02, large=1 << 16)
     echo.join(timeout=30)
     assert timed.hop_seconds > 0
     assert timed.byte_seconds >= 0
     assert timed.large_bytes == 1 << 16
     assert len(echoed) == 1
     # The warm-up that opens the stream is not counted.
-    rounds = {f"profile/small/{i}" for i in range(profiling.SMALL_ROUNDS)}
-    assert set(timed.phases) == set(echoed[0]) == rounds | {"profile/large"}
+    assert set(timed.phases) == set(echoed[0]) == {"profile/small", "profile/large"}
     for phase, cost in timed.phases.items():
         # Every ping the near end sent was echoed: the timed passes (at least one per window), the warm-up,
         # and the sentinel that ends the phase.
@@ -100,20 +99,16 @@ def test_a_hop_is_timed_against_the_echo_and_every_message_is_consumed() -> None
 
 
 def test_a_hops_cost_is_both_ends_cpu_over_the_devices_share() -> None:
-    # Five rounds of small messages at 0.3, 0.2, 0.3, 0.9 and 0.3 ms of CPU per hop: the median round counts,
-    # not the spell of costly hops in the fourth (nor the mean, 0.4 ms).
-    small = {f"profile/small/{i}": PhaseCost(messages=100, cpu_seconds=cost)
-             for i, cost in enumerate((0.030, 0.020, 0.030, 0.090, 0.030))}
     near = TransportProfile(hop_seconds=9.0, byte_seconds=9.0, large_bytes=1000, phases={
-        **small, "profile/large": PhaseCost(messages=10, cpu_seconds=0.010)})
-    far = {**small, "profile/large": PhaseCost(messages=10, cpu_seconds=0.014)}
+        "profile/small": PhaseCost(messages=100, cpu_seconds=0.030),
+        "profile/large": PhaseCost(messages=10, cpu_seconds=0.010)})
+    far = {"profile/small": PhaseCost(messages=100, cpu_seconds=0.030),
+           "profile/large": PhaseCost(messages=10, cpu_seconds=0.014)}
     message, per_byte = hop_cpu_seconds(near, far, cpu_share=0.5)
     assert message == pytest.approx(0.060 / 200 / 0.5)  # 0.6 ms: 0.3 ms of CPU at half a core
     assert per_byte == pytest.approx((0.024 / 20 / 0.5 - message) / 1000)
     with pytest.raises(ValueError, match="answered 9 of 10 messages of profile/large"):
         hop_cpu_seconds(near, {**far, "profile/large": PhaseCost(messages=9, cpu_seconds=0.014)}, cpu_share=0.5)
-    with pytest.raises(ValueError, match="answered 0 of 100 messages of profile/small/2"):
-        hop_cpu_seconds(near, {k: v for k, v in far.items() if k != "profile/small/2"}, cpu_share=0.5)
     with pytest.raises(ValueError, match="no device's"):
         hop_cpu_seconds(near, far, cpu_share=0.0)
 
