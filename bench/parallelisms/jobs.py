@@ -3,7 +3,10 @@
 The job is submitted from device 0 with the real ``cetctl --json train``. While its JSON lines arrive,
 every step event is stamped with a `Reading` of the devices' CPU-seconds and link bytes. Step 1 pays
 for worker start-up, weight distribution and first-touch allocations, so the steady-state figures use
-steps 2..N only:
+steps 2..N only. N is the run's ``steps``, raised where the plan's forecast (`cetctl plan`, asked first)
+says steps 2..N would take less than ``JobSettings.min_window``: a steady state of four 0.15 s steps
+was over before a spell of the shared machine (seconds long) had passed, and the same job measured
+0.0045 s/sample in one study and about 0.0066 in the one before.
 
 - ``seconds_per_sample``: Σ step seconds / Σ samples over steps 2..N (the driver's step times);
 - ``bench_joules_per_sample``: the bench's own energy model over the same window, from metered
@@ -20,6 +23,7 @@ killer inside a device's cgroup is ``oom``.
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import threading
@@ -55,6 +59,18 @@ class JobSettings:
     micro_batches: int
     seq_len: int
     timeout: timedelta
+    min_window: timedelta = timedelta(0)
+    """Least forecast wall time of the steady state (steps 2..N): ``steps`` is raised to reach it."""
+    max_steps: int = 200
+    """Most steps ``min_window`` may raise a job to."""
+
+    def steps_for(self, step_seconds: float | None) -> int:
+        """Steps for a job forecast at ``step_seconds`` a step: ``steps``, or more so that steps 2..N last
+        ``min_window`` (at most `max_steps`); ``steps`` without a forecast."""
+        if not step_seconds or step_seconds <= 0:
+            return self.steps
+        needed = math.ceil(self.min_window.total_seconds() / step_seconds) + 1
+        return max(self.steps, min(self.max_steps, needed))
 
 
 @dataclass(slots=True, kw_only=True)
@@ -81,6 +97,8 @@ class JobOutcome:
     predicted_seconds_per_sample: float | None = None
     predicted_joules_per_sample: float | None = None
     estimated_memory_bytes: dict[str, int] = field(default_factory=dict)
+    steps: int = 0
+    """Steps submitted (`JobSettings.steps_for` the forecast)."""
     speed_sources: dict[str, str] = field(default_factory=dict)
     """Per device ID: where the plan's speed for it came from (``measured``: the job's own shapes)."""
     workers: list[dict[str, Any]] = field(default_factory=list)
@@ -144,21 +162,20 @@ def run_job(testbed: Testbed, *, model: str, folder: Path, data: Path, paralleli
             settings: JobSettings) -> JobOutcome:
     """Train one job on the testbed from device 0 and summarise it."""
     devices = "1" if parallelism == "single" else str(len(testbed.household.daemons))
+    job = ("--model", str(folder), "--data", str(data), "--batch", str(settings.global_batch),
+           "--micro-batches", str(settings.micro_batches), "--seq-len", str(settings.seq_len),
+           "--parallelism", parallelism, "--devices", devices, "--seed", "0")
+    steps = settings.steps_for(_forecast_step_seconds(testbed, job, settings))
     links = _links(testbed)
     oom_before = testbed.oom_kills()
     started = time.monotonic()
     readings: list[Reading] = []
     lines: list[tuple[float, str]] = []
-    process = testbed.cetctl(
-        SUBMITTER, "train", "--model", str(folder), "--data", str(data), "--steps", str(settings.steps),
-        "--batch", str(settings.global_batch), "--micro-batches", str(settings.micro_batches),
-        "--seq-len", str(settings.seq_len), "--parallelism", parallelism, "--devices", devices,
-        "--checkpoint-every", str(settings.steps + 1), "--seed", "0",
-    )
+    process = testbed.cetctl(SUBMITTER, "train", *job, "--steps", str(steps), "--checkpoint-every", str(steps + 1))
     reader = threading.Thread(target=_reader, args=(process.stdout, lines, testbed, readings), daemon=True)
     reader.start()
     outcome = JobOutcome(model=model, parallelism=parallelism, device_set=testbed.device_set.name, status="failed",
-                         links=links)
+                         links=links, steps=steps)
     try:
         process.wait(timeout=settings.timeout.total_seconds())
     except subprocess.TimeoutExpired:
@@ -185,6 +202,22 @@ def run_job(testbed: Testbed, *, model: str, folder: Path, data: Path, paralleli
     else:
         outcome.reason = stderr or f"cetctl exited with {process.returncode}"
     return outcome
+
+
+def _forecast_step_seconds(testbed: Testbed, job: tuple[str, ...], settings: JobSettings) -> float | None:
+    """The plan's forecast of one step of ``job`` (`cetctl plan`, which profiles the shapes as a submission
+    would); None where there is no window to reach or the planner gives no plan (a refusal shows in the job)."""
+    if not settings.min_window:
+        return None
+    process = testbed.cetctl(SUBMITTER, "plan", *job)
+    try:
+        text, _ = process.communicate(timeout=settings.timeout.total_seconds())
+        per_sample = float(json.loads(text)["prediction"]["seconds_per_sample"])
+    except (subprocess.TimeoutExpired, ValueError, KeyError, TypeError):
+        process.kill()
+        process.wait()
+        return None
+    return per_sample * settings.global_batch
 
 
 def _links(testbed: Testbed) -> dict[int, list[float]]:

@@ -1,6 +1,6 @@
 """Reproduce the paper's parallelism study (its Figures 5 and 6) on four simulated edge devices.
 
-    sudo .venv/bin/python -m bench.parallelisms.run [--quick] [--steps N] [--sets homogeneous,heterogeneous]
+    sudo .venv/bin/python -m bench.parallelisms.run [--quick] [--steps N] [--min-window S] [--sets homogeneous,heterogeneous]
                                                     [--models distilbert,...] [--output-dir bench/results]
 
 The paper trains DistilBERT, GPT2-S, OPT-350M and GPT2-L on four Jetson boards over 1000 Mbps Wi-Fi with
@@ -15,9 +15,10 @@ single-device, data, tensor and pipeline parallelism and reports seconds and jou
   ``device.memory_limit_bytes`` is set between what the planner says the scaled OPT-350M and GPT2-L
   need on one device (and the cgroup memory limit to that plus `DAEMON_ALLOWANCE_BYTES`), so the largest
   model fits no single device, as in the paper;
-- jobs: global batch 32, sequence 32 (the paper's 128 ÷ 4, and its 32), 4 micro-batches, 5 steps
-  (``--quick``: batch 16, sequence 16, 3 steps, homogeneous set only); step 1 (start-up) is left out of
-  the steady-state figures (`bench.parallelisms.jobs`);
+- jobs: global batch 32, sequence 32 (the paper's 128 ÷ 4, and its 32), 4 micro-batches, 5 steps or
+  more: as many as the plan's forecast says make the steady state last 10 s (``--quick``: batch 16,
+  sequence 16, 3 steps, homogeneous set only); step 1 (start-up) is left out of the steady-state
+  figures (`bench.parallelisms.jobs`);
 - reruns: at the end of each set, every job whose forecast missed by more than 20% is submitted once more
   and both runs are kept (``--no-rerun`` skips this). The first run's figures stay the study's; the rerun
   shows how far the same job on the same devices moves between runs minutes apart.
@@ -61,10 +62,12 @@ from bench.parallelisms.testbed import (
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 DEVICE_SETS = {s.name: s for s in (HOMOGENEOUS, HETEROGENEOUS)}
-FULL = JobSettings(steps=5, global_batch=32, micro_batches=4, seq_len=32, timeout=timedelta(minutes=8))
-"""The paper's sequence length, a quarter of its global batch (128): steps of ≈ 0.1–10 s on these devices.
-The first job of a model also waits for every device to profile its shape: about 3 minutes on the
-heterogeneous set, whose 20% device then runs 5 tensor-parallel steps of 7–10 s."""
+FULL = JobSettings(steps=5, global_batch=32, micro_batches=4, seq_len=32, timeout=timedelta(minutes=8),
+                   min_window=timedelta(seconds=10))
+"""The paper's sequence length, a quarter of its global batch (128): steps of ≈ 0.1–10 s on these devices,
+each job run for at least 10 s of steady state (a spell of this shared machine lasts seconds). The first
+job of a model also waits for every device to profile its shape: about 3 minutes on the heterogeneous
+set, whose 20% device then runs 5 tensor-parallel steps of 7–10 s."""
 QUICK = JobSettings(steps=3, global_batch=16, micro_batches=4, seq_len=16, timeout=timedelta(minutes=5))
 """A smoke run: steps shorter than the CFS period (100 ms) for the small models, so noisier figures. The
 first job of a model (single) also waits for the four devices to profile its shape one after another:
@@ -125,7 +128,10 @@ def memory_cap(models: list[ScaledModel], data: dict[str, Path], settings: JobSe
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.parallelisms.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="homogeneous set only, smaller and fewer steps (≈ 15 min: each model's first job waits for its profiling)")
-    parser.add_argument("--steps", type=int, default=0, help="steps per job (default 5, or 3 with --quick)")
+    parser.add_argument("--steps", type=int, default=0, help="least steps per job (default 5, or 3 with --quick)")
+    parser.add_argument("--min-window", type=float, default=None, metavar="SECONDS",
+                        help="raise a job's steps until its steady state's forecast lasts this long (default 10, "
+                             "0 with --quick)")
     parser.add_argument("--sets", default="", help=f"device sets, comma-separated: {', '.join(DEVICE_SETS)}")
     parser.add_argument("--models", default=",".join(PAPER_MODELS), help="models, comma-separated")
     parser.add_argument("--parallelisms", default=",".join(PARALLELISMS), help="parallelisms, comma-separated")
@@ -156,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = QUICK if args.quick else FULL
     if args.steps:
         settings = replace(settings, steps=args.steps)
+    if args.min_window is not None:
+        settings = replace(settings, min_window=timedelta(seconds=max(args.min_window, 0.0)))
     if settings.steps < 2:
         console.print("bench.parallelisms: --steps must be at least 2 (step 1 is start-up and is left out)")
         return 2
@@ -200,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(png_path, outcomes, title=(
         f"cetd, 4 namespace hosts on {LINK_MBIT} Mbit links; models scaled (width ÷{WIDTH_DIVISOR}, depth "
         f"÷{DEPTH_DIVISOR:g}); batch {settings.global_batch}, seq {settings.seq_len}, {settings.micro_batches} "
-        f"micro-batches; steady state of {settings.steps - 1} steps; J = bench model ({ENERGY_PROFILE.name} CPU)"))
+        f"micro-batches; steady state ≥ {settings.steps - 1} steps and ≥ {settings.min_window.total_seconds():g} s "
+        f"forecast; J = bench model ({ENERGY_PROFILE.name} CPU)"))
     console.print(f"wrote {json_path} and {png_path} ({elapsed / 60:.1f} min)")
     return 0
 
@@ -215,7 +224,8 @@ def _describe(console: Console, models: list[ScaledModel], needs: dict[str, int]
     console.print(f"each device: {cap / 2**20:.0f} MiB for workers (device.memory_limit_bytes), cgroup limit "
                   f"{(cap + DAEMON_ALLOWANCE_BYTES) / 2**20:.0f} MiB; sets: "
                   + "; ".join(f"{s.name} {'/'.join(f'{f:.0%}' for f in s.cpu_fractions)} of a core" for s in sets)
-                  + f"; {settings.steps} steps of {settings.global_batch} × {settings.seq_len} tokens")
+                  + f"; {settings.steps} steps or more (a steady state of ≥ {settings.min_window.total_seconds():g} s forecast) of "
+                  f"{settings.global_batch} × {settings.seq_len} tokens")
 
 
 def _run_set(console: Console, root: Path, device_set: DeviceSet, models: list[ScaledModel],
@@ -266,6 +276,7 @@ def _meta(models: list[ScaledModel], needs: dict[str, int], cap: int, settings: 
                     "sets": {s.name: list(s.cpu_fractions) for s in sets}},
         "settings": {"steps": settings.steps, "global_batch": settings.global_batch,
                      "micro_batches": settings.micro_batches, "seq_len": settings.seq_len,
+                     "min_window_seconds": settings.min_window.total_seconds(), "max_steps": settings.max_steps,
                      "steady_state": "steps 2..N"},
         "energy": {"bench": f"model: {ENERGY_PROFILE.name} profile over cgroup-metered CPU-seconds and link bytes",
                    "profile": asdict(ENERGY_PROFILE)},
