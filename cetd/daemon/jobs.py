@@ -27,7 +27,7 @@ from cetd.cluster.membership import PeerState
 from cetd.cluster.planner import DeviceOffer, plan_job, what_if
 from cetd.cluster.power import EnergyModel
 from cetd.errors import CetdError, JobError, NotAuthorizedError, UnavailableError
-from cetd.identity import StateDir
+from cetd.identity import StateDir, short_id, tls_server_name
 from cetd.ids import DeviceId
 from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, WorkerAssignment, from_json, to_json
 from cetd.transport.job_types import (
@@ -55,6 +55,8 @@ from .shape_profiles import ShapeProfiles
 logger = logging.getLogger(__name__)
 
 DESCRIBE_TIMEOUT = timedelta(minutes=10)
+ECHO_ASK_TIMEOUT = timedelta(minutes=4)
+"""Longest a device waits for another to start an echo of its transport profile (a fresh process imports torch)."""
 
 
 class JobManager:
@@ -77,7 +79,8 @@ class JobManager:
                                                       for r in self._jobs.values())
         self.shapes = ShapeProfiles(state.path, self.worker_threads, enabled=profile, me=self.me,
                                     remote=lambda device_id: self._client(device_id).profile,
-                                    busy=lambda: bool(self.workers))  # a job trains here
+                                    busy=lambda: bool(self.workers),  # a job trains here
+                                    host=host, find_echo=self._find_echo)
         node.measuring = self.shapes.lock.locked
 
     @property
@@ -359,6 +362,29 @@ class JobManager:
     async def profile(self, query: ProfileQuery, caller: DeviceId) -> ProfileAnswer:
         """The Profile RPC: this device's times for the job's shapes (`shape_profiles`)."""
         return await self.shapes.answer(query)
+
+    async def echo(self, address: str, caller: DeviceId) -> str:
+        """The Echo RPC: answer the caller's transport profile at ``address`` (`ShapeProfiles.serve_echo`)."""
+        if not address:
+            raise JobError("no profile address to echo")
+        return await self.shapes.serve_echo(address, tls_server_name(caller))
+
+    async def _find_echo(self, address: str) -> tuple[str, str] | None:
+        """Another live device to echo this device's transport profile at ``address``: one on another machine
+        first, then in device-ID order; None when none would."""
+        machines = self._machines()
+        mine = machines.get(str(self.me), "")
+        peers = sorted((d for d in self.live_devices() if d != self.me),
+                       key=lambda d: (bool(mine) and machines.get(d) == mine, d))
+        for device_id in peers:
+            try:
+                echo = await self._client(device_id).echo(address, timeout=ECHO_ASK_TIMEOUT)
+            except (CetdError, OSError, TimeoutError) as error:
+                logger.info("%s does not echo the transport profile: %s", short_id(device_id), error)
+                continue
+            return echo, tls_server_name(DeviceId(device_id))
+        logger.info("no other device echoes the transport profile; timing it against an echo on this device")
+        return None
 
     async def plan(self, spec_json: str, description_json: str, remove: tuple[str, ...], add_json: str,
                    caller: DeviceId) -> PlanAnswer:

@@ -13,11 +13,13 @@ such devices at 0.45 of a core on two cores, GPT-2 small's shapes) a block timed
 first over-predicted a one-device job by 23%, the plan built on the second came within 1%.
 
 What a message over the tensor transport costs (`ShapeTimes.message_seconds`, ``byte_seconds``) does not
-depend on the model: every shape profile times the same two messages. A device answers with the median
-of its every fresh profile's figures, not the one profile's: on the study's testbed one device at a
-fifth of a core measured 5.2, 8.7 and 11.4 ms per hop in three profiles minutes apart (and a device at
-0.4 of a core 1.8 to 3.1 ms), and a tensor-parallel forecast is little else than that figure times its
-hops.
+depend on the model: every shape profile times the same two messages, against an echo on another device
+when one answers (`serve_echo`: any member that neither trains nor measures), else against an echo in a
+second process of this device. A device answers with the median of its every fresh profile's figures,
+not the one profile's — of those timed against another device, where there are any: on the study's
+testbed one device at a fifth of a core measured 5.2, 8.7 and 11.4 ms per hop in three profiles minutes
+apart (and a device at 0.4 of a core 1.8 to 3.1 ms), and a tensor-parallel forecast is little else than
+that figure times its hops.
 
 A device that cannot answer in time is planned with its reference block scaled by FLOPs
 (`cetd.daemon.planning_inputs.scale_block_seconds`), as before. Re-plans after a failure ask the
@@ -56,6 +58,8 @@ REFRESH = timedelta(days=7)
 """A cached measurement older than this is taken again (a device's speed drifts with updates, thermals)."""
 MEASURE_TIMEOUT = timedelta(minutes=3)
 """Longest a device spends timing one shape (a fresh process imports torch first)."""
+ECHO_TIMEOUT = timedelta(minutes=3)
+"""Longest an echo for another device's profile waits to start (it imports torch) and then to be done."""
 ASK_TIMEOUT = timedelta(minutes=4)
 """Longest the coordinator waits for all devices' answers before planning without the missing ones."""
 
@@ -67,12 +71,16 @@ def shape_key(description: ModelDescription, *, micro_batch: int, seq_len: int, 
     return hashlib.sha256(document.encode()).hexdigest()[:32]
 
 
+FindEcho = Callable[[str], Awaitable[tuple[str, str] | None]]
+"""A profile channel's address → an echo's address and TLS name on another device, or None."""
+
+
 class ShapeProfiles:
     """This device's side: answers `ProfileQuery` from its cache or by measuring."""
 
     def __init__(self, state_dir: Path, threads: int, *, busy: Callable[[], bool], enabled: bool = True,
-                 me: str = "", remote: Callable[[str], Callable[[ProfileQuery], Awaitable[ProfileAnswer]]] | None = None
-                 ) -> None:
+                 me: str = "", remote: Callable[[str], Callable[[ProfileQuery], Awaitable[ProfileAnswer]]] | None = None,
+                 host: str = "", find_echo: FindEcho | None = None) -> None:
         """Args:
         state_dir: the daemon's state directory (the cache lives in its ``profiles`` folder).
         threads: the compute threads a worker of this device uses (the measurement uses as many).
@@ -80,6 +88,9 @@ class ShapeProfiles:
         enabled: ``device.profile``; off, this device measures nothing (it still answers from its cache).
         me: this device's ID (answered locally by `gather`).
         remote: device ID → its Profile RPC.
+        host: the address this device's job processes listen on (an echo on another device reaches it there).
+        find_echo: asks other devices, in turn, to echo a transport profile listening at an address; the
+            echo's address and TLS name, or None when none would (then the echo runs on this device).
         """
         self._state_dir = state_dir
         self._dir = state_dir / PROFILES_DIR
@@ -89,6 +100,9 @@ class ShapeProfiles:
         self._enabled = enabled
         self._me = me
         self._remote = remote
+        self._host = host
+        self._find_echo = find_echo
+        self._echoes: set[asyncio.Task[None]] = set()
         self.lock = asyncio.Lock()
         """Held while measuring (here and by the daily reference profiler): one measurement at a time."""
 
@@ -146,29 +160,80 @@ class ShapeProfiles:
     async def _measure(self, key: str, query: ProfileQuery, description: ModelDescription) -> ShapeTimes:
         process = JobProcess(name="the shape profiler", log_path=self._log)
         started = time.monotonic()
-        await process.start({"role": "profile", "threads": self._threads,
-                             "description": json.loads(query.description_json), "micro_batch": query.micro_batch,
-                             "seq_len": query.seq_len, "precision": query.precision,
-                             "state_dir": str(self._state_dir)})
+        launch = {"role": "profile", "threads": self._threads, "description": json.loads(query.description_json),
+                  "micro_batch": query.micro_batch, "seq_len": query.seq_len, "precision": query.precision,
+                  "state_dir": str(self._state_dir)}
+        if self._find_echo is not None and self._host:
+            launch.update(host=self._host, remote_echo=True)
+        await process.start(launch)
         try:
-            event = await process.expect("profiled", MEASURE_TIMEOUT)
+            while True:
+                event = await process.next_event(MEASURE_TIMEOUT)
+                if event.get("event") == "transport" and self._find_echo is not None:
+                    peer = await self._find_echo(str(event.get("address", "")))
+                    await process.send({"echo": list(peer) if peer else None})
+                elif event.get("event") == "profiled":
+                    break
+                elif event.get("event") == "failed":
+                    raise JobError(str(event.get("reason", "the shape profiler failed")))
         finally:
             await process.stop()
         times = from_json(ShapeTimes, json.dumps(event["times"]))
+        echo = str(event.get("echo", ""))
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_file_atomic(self._dir / f"{key}.json",
-                          json.dumps({"times": asdict(times), "at": time.time()}).encode(), 0o600)
+                          json.dumps({"times": asdict(times), "at": time.time(), "echo": echo}).encode(), 0o600)
         logger.info("profiled %s (hidden %d, %s) at %d × %d tokens in %.1f s: %.3f ms per block per sample, head "
-                    "%.2f blocks, embedding %.2f blocks, AdamW %.2f ns per parameter", description.family,
-                    description.hidden_size, query.precision, query.micro_batch, query.seq_len, time.monotonic() - started, times.block_seconds * 1e3,
-                    times.head_blocks, times.embedding_blocks, times.optimizer_seconds_per_parameter * 1e9)
+                    "%.2f blocks, embedding %.2f blocks, AdamW %.2f ns per parameter; %.2f ms per message hop "
+                    "(echo: %s)", description.family, description.hidden_size, query.precision, query.micro_batch,
+                    query.seq_len, time.monotonic() - started, times.block_seconds * 1e3, times.head_blocks,
+                    times.embedding_blocks, times.optimizer_seconds_per_parameter * 1e9, times.message_seconds * 1e3,
+                    echo or "none")
         return times
+
+    async def serve_echo(self, address: str, tls_name: str) -> str:
+        """The Echo RPC: answer another device's transport profile listening at ``address`` from an echo
+        process here; its address once it listens. The echo holds `lock` until it is done.
+
+        Raises:
+            JobError: this device trains, measures or echoes already (its own figures and the caller's
+                would both be skewed), or the echo did not start.
+        """
+        if self._busy() or self.lock.locked() or not self._enabled or not self._host:
+            raise JobError("this device trains, measures or echoes now, or does not profile; not an echo now")
+        await self.lock.acquire()
+        process = JobProcess(name="the transport echo", log_path=self._log)
+        try:
+            await process.start({"role": "echo", "state_dir": str(self._state_dir), "threads": 1, "host": self._host,
+                                 "peer": [address, tls_name]})
+            ready = await process.expect("ready", ECHO_TIMEOUT)
+        except BaseException:
+            await process.stop()
+            self.lock.release()
+            raise
+        task = asyncio.get_running_loop().create_task(self._finish_echo(process), name="transport echo")
+        self._echoes.add(task)
+        task.add_done_callback(self._echoes.discard)
+        return str(ready["address"])
+
+    async def _finish_echo(self, process: JobProcess) -> None:
+        try:
+            await process.expect("echoed", ECHO_TIMEOUT)
+        except JobError as error:
+            logger.warning("the transport echo for another device ended early: %s", error)
+        finally:
+            await process.stop()
+            self.lock.release()
 
 
 def pooled_message_costs(directory: Path) -> tuple[float, float] | None:
     """Seconds per hop and per byte as a device answers them: the medians over the fresh profiles in its
-    profiles ``directory`` that timed the transport (a lone profile's own figures); None without any."""
-    measured = [t for t in map(_read_fresh, directory.glob("*.json")) if t is not None and t.message_seconds > 0]
+    profiles ``directory`` that timed the transport — those timed against an echo on another device, where
+    there are any (a lone profile's own figures); None without any."""
+    found = [_read_fresh_with_echo(path) for path in directory.glob("*.json")]
+    timed = [(t, echo) for t, echo in found if t is not None and t.message_seconds > 0]
+    remote = [t for t, echo in timed if echo == "remote"]
+    measured = remote or [t for t, _ in timed]
     if not measured:
         return None
     return (statistics.median(t.message_seconds for t in measured),
@@ -177,13 +242,18 @@ def pooled_message_costs(directory: Path) -> tuple[float, float] | None:
 
 def _read_fresh(path: Path) -> ShapeTimes | None:
     """The times stored in ``path`` when fresh, else None (a damaged file counts as none)."""
+    return _read_fresh_with_echo(path)[0]
+
+
+def _read_fresh_with_echo(path: Path) -> tuple[ShapeTimes | None, str]:
+    """`_read_fresh`, and where its transport echo ran (``remote``, ``local``; "" in older files)."""
     try:
         data = json.loads(path.read_text())
         if time.time() - float(data["at"]) > REFRESH.total_seconds():
-            return None
-        return from_json(ShapeTimes, json.dumps(data["times"]))
+            return None, ""
+        return from_json(ShapeTimes, json.dumps(data["times"])), str(data.get("echo", ""))
     except (OSError, ValueError, KeyError, TypeError, JobError):
-        return None
+        return None, ""
 
 
 Ask = Callable[[str, ProfileQuery], Awaitable[ProfileAnswer]]

@@ -18,16 +18,21 @@ The daemon talks to it over stdin/stdout, one JSON object per line:
     daemon → process   {"abort": "reason"} (a peer is dead: end the step now) | {"migrate": true}
                         (checkpoint at the next step boundary and stop, e.g. a device drains)
 
-A profiler process gets one line and answers one:
+A profiler process:
 
-    daemon → process   {"role": "profile", "threads", "description"?, "micro_batch"?, "seq_len"?, "precision"?}
-    process → daemon   {"event": "profiled", "times": {...}} (the model's shapes) | {"event": "profiled",
-                        "block_seconds"} (the reference block)
+    daemon → process   {"role": "profile", "threads", "description"?, "micro_batch"?, "seq_len"?, "precision"?,
+                        "state_dir"?, "host"?, "remote_echo"?}
+    process → daemon   {"event": "transport", "address": "host:port"}   (with "remote_echo": its profile
+                        channel listens; the daemon finds another device to echo it)
+    daemon → process   {"echo": ["host:port", "tls-name"] | null}   (null: no device would; echo here)
+    process → daemon   {"event": "profiled", "times": {...}, "echo": "remote"|"local"|""} (the model's
+                        shapes) | {"event": "profiled", "block_seconds"} (the reference block)
 
-The shape profiler starts one more process of this module to time the transport against: it gets
-``{"role": "echo", "state_dir", "threads", "peer": ["host:port", "tls-name"]}``, answers
-``{"event": "ready", "address"}``, sends every tensor message straight back until the profile ends, then
-answers ``{"event": "echoed", "phases": {name: {"messages", "cpu_seconds"}}}`` (its CPU per phase).
+An echo process — on another device at its daemon's request (the Echo RPC), or a second process of
+this device — gets ``{"role": "echo", "state_dir", "threads", "host"?, "peer": ["host:port",
+"tls-name"]}``, answers ``{"event": "ready", "address"}``, sends every tensor message straight back
+until the profile ends, then answers ``{"event": "echoed", "phases": {name: {"messages", "cpu_seconds"}}}``
+(its CPU per phase).
 
 This process is the composition root for torch work: it owns the tensor channel (mutual TLS with the
 device's identity; peers are checked against the roster) and runs the runtime's driver or worker.
@@ -226,7 +231,7 @@ def run_worker_process(launch: dict[str, Any], link: DaemonLink) -> None:
     emit("done", cpu_seconds=cpu_seconds())
 
 
-def run_profile(launch: dict[str, Any]) -> None:
+def run_profile(launch: dict[str, Any], link: DaemonLink) -> None:
     """Time the launch's model at its micro-batch shape (`cetd.runtime.profiling`); without a model, one
     reference transformer block (GPT-2 small's shape, 8 × 32 tokens), forward + backward."""
     import time
@@ -242,13 +247,14 @@ def run_profile(launch: dict[str, Any]) -> None:
         description = from_json(ModelDescription, json.dumps(launch["description"]))
         shape = profile_shape(description, micro_batch=int(launch["micro_batch"]), seq_len=int(launch["seq_len"]),
                               dtype=torch_dtype(str(launch.get("precision", "float32"))))
+        echo = ""
         try:
-            message, per_byte = _profile_transport(launch, shape.cpu_share)
+            message, per_byte, echo = _profile_transport(launch, shape.cpu_share, link)
         except (CetdError, OSError, KeyError, ValueError, TransportError) as error:  # no identity here, say
             logger.warning("the transport was not profiled: %s", error)
         else:
             shape = dataclasses.replace(shape, message_seconds=message, byte_seconds=per_byte)
-        emit("profiled", times=json.loads(to_json(shape)), threads=torch.get_num_threads())
+        emit("profiled", times=json.loads(to_json(shape)), threads=torch.get_num_threads(), echo=echo)
         return
     config = GPT2Config(n_embd=768, n_head=12, n_positions=64)
     config._attn_implementation = "eager"  # as every training stage runs it
@@ -270,10 +276,35 @@ ECHO_READY_TIMEOUT = 180.0
 """Longest the profiler waits for its echo process to start (it imports torch; a slow board takes a while)."""
 
 
-def _profile_transport(launch: dict[str, Any], cpu_share: float) -> tuple[float, float]:
-    """Seconds per hop and per byte: ping-pong with an echo in a second process of this device (its identity,
-    mutual TLS on 127.0.0.1), both ends' CPU over ``cpu_share`` (`hop_cpu_seconds`); the ping-pong's wall
-    time where no share was measured."""
+def _profile_transport(launch: dict[str, Any], cpu_share: float, link: DaemonLink) -> tuple[float, float, str]:
+    """Seconds per hop and per byte, and where the echo ran (``remote``, ``local``).
+
+    With ``remote_echo`` (the daemon's shape profiler): ping-pong with an echo on another device that
+    the daemon finds, this end's CPU over ``cpu_share`` (`near_hop_seconds`) — a job's hop has its
+    other end on another device too. An echo in a second process of this device shares its CPU: on
+    the study's testbed, a device at a fifth of a core spent 1.5–2.0 ms of CPU per round trip at its
+    end that way and 0.8–1.2 ms against an echo outside its quota, and plans priced on the first
+    over-forecast its tensor-parallel jobs by 33–73%. Without a remote echo: ping-pong with an echo in
+    a second process of this device (mutual TLS on 127.0.0.1), both ends' CPU over ``cpu_share``
+    (`hop_cpu_seconds`). The ping-pong's wall time where no share was measured.
+    """
+    from cetd.runtime.profiling import near_hop_seconds, profile_transport
+
+    if launch.get("remote_echo") and launch.get("host"):
+        with _channel({**launch, "job_id": "profile"}, 0, 2) as near:
+            emit("transport", address=near.address)
+            peer = link.next().get("echo")
+            if peer:
+                near.connect({1: (str(peer[0]), str(peer[1]))})
+                timed = profile_transport(near, 1)
+                if cpu_share <= 0:
+                    return timed.hop_seconds, timed.byte_seconds, "remote"
+                return (*near_hop_seconds(timed, cpu_share), "remote")
+    return (*_profile_local_transport(launch, cpu_share), "local")
+
+
+def _profile_local_transport(launch: dict[str, Any], cpu_share: float) -> tuple[float, float]:
+    """`_profile_transport` against an echo in a second process of this device."""
     import select
     import subprocess
 
@@ -321,7 +352,7 @@ def run_echo(launch: dict[str, Any]) -> None:
     from cetd.runtime.profiling import echo_transport
 
     address, name = launch["peer"]
-    local = {**launch, "job_id": "profile", "host": "127.0.0.1"}
+    local = {**launch, "job_id": "profile", "host": launch.get("host") or "127.0.0.1"}
     with _channel(local, 1, 2) as far:
         emit("ready", address=far.address)
         far.connect({0: (address, name)})
@@ -353,7 +384,7 @@ def main() -> int:
         if launch["role"] == "driver":
             run_driver(launch, link)
         elif launch["role"] == "profile":
-            run_profile(launch)
+            run_profile(launch, link)
         elif launch["role"] == "echo":
             run_echo(launch)
         else:

@@ -10,9 +10,10 @@ model's. The measured pieces, each at the job's micro-batch and sequence length,
   norms, residuals), which the planner keeps whole on every tensor-parallel device;
 - the embedding (first stage) and the head with its loss (last stage), each as a multiple of a block;
 - one AdamW step, per parameter (it grows with the share's parameters, not with the batch);
-- with `profile_transport`, one message hop over the real tensor transport (mutual TLS, its two ends in
-  two processes of this device): its fixed cost and its cost per byte — what a throttled or slow CPU
-  adds to every activation, gradient and all-reduce beyond the network's own time.
+- with `profile_transport`, one message hop over the real tensor transport (mutual TLS, against an echo
+  on another device of the household, or in a second process of this one when none answers): its
+  fixed cost and its cost per byte — what a throttled or slow CPU adds to every activation, gradient
+  and all-reduce beyond the network's own time.
 
 Small shapes are dominated by per-operator overhead, not FLOPs; that is why the shapes are the job's
 own rather than a reference block scaled by FLOPs. Each piece runs back to back for a while (at least
@@ -49,8 +50,8 @@ from cetd.runtime.spec import ModelDescription, ShapeTimes
 from cetd.runtime.tensor_parallel import make_tensor_parallel_model
 from cetd.transport.channel import PeerChannel, TensorKey, TensorSpec
 
-__all__ = ["PhaseCost", "TransportProfile", "cpu_seconds", "echo_transport", "hop_cpu_seconds", "profile_shape",
-           "profile_transport"]
+__all__ = ["PhaseCost", "TransportProfile", "cpu_seconds", "echo_transport", "hop_cpu_seconds", "near_hop_seconds",
+           "profile_shape", "profile_transport"]
 
 WARMUP = 2
 """Passes left out before timing (caches, the allocator, lazily built kernels)."""
@@ -312,5 +313,27 @@ def hop_cpu_seconds(profile: TransportProfile, echo: dict[str, PhaseCost], cpu_s
         if far is None or far.messages != near.messages or near.messages < 1:
             raise ValueError(f"the echo answered {far.messages if far else 0} of {near.messages} messages of {name}")
         per_hop[name] = (near.cpu_seconds + far.cpu_seconds) / (2 * near.messages) / cpu_share
+    small, big = per_hop["profile/small"], per_hop["profile/large"]
+    return small, max(big - small, 0.0) / profile.large_bytes
+
+
+def near_hop_seconds(profile: TransportProfile, cpu_share: float) -> tuple[float, float]:
+    """Seconds per hop and per byte this device spends on messages, from its own end's CPU alone.
+
+    For a profile whose echo ran on another device: each round trip here is one message sent and one
+    received, a whole hop's worth of this device's work (`hop_cpu_seconds` averages the two ends when
+    both are on this device), over ``cpu_share``. The echo's CPU is its own device's business, as a
+    peer's is in a job.
+
+    Raises:
+        ValueError: a phase without messages, or a share that is not positive.
+    """
+    if cpu_share <= 0:
+        raise ValueError(f"a CPU share of {cpu_share} is no device's")
+    per_hop = {}
+    for name, near in profile.phases.items():
+        if near.messages < 1:
+            raise ValueError(f"the profile sent no message in {name}")
+        per_hop[name] = near.cpu_seconds / near.messages / cpu_share
     small, big = per_hop["profile/small"], per_hop["profile/large"]
     return small, max(big - small, 0.0) / profile.large_bytes

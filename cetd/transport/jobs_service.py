@@ -54,6 +54,7 @@ class JobsHandler(Protocol):
     async def worker_failed(self, job_id: str, device_id: str, reason: str, fatal: bool,
                             caller: DeviceId) -> None: ...
     async def profile(self, request: ProfileQuery, caller: DeviceId) -> ProfileAnswer: ...
+    async def echo(self, address: str, caller: DeviceId) -> str: ...
 
 
 class JobsServicer(pb_grpc.JobsServicer):
@@ -132,6 +133,10 @@ class JobsServicer(pb_grpc.JobsServicer):
                              seq_len=request.seq_len, precision=request.precision, measure=request.measure)
         result = await answer(context, self._handler.profile(query, CALLER.get()))
         return pb.ProfileResponse(times_json=result.times_json, reason=result.reason)
+
+    async def Echo(self, request: pb.EchoRequest, context: Context) -> pb.EchoResponse:
+        address = await answer(context, self._handler.echo(request.address, CALLER.get()))
+        return pb.EchoResponse(address=address)
 
 
 def add_jobs_service(handler: JobsHandler) -> Any:
@@ -233,3 +238,9 @@ class JobsClient:
                                     seq_len=query.seq_len, precision=query.precision, measure=query.measure)
         reply = await call_rpc(self._target, self._stub.Profile(request, timeout=timeout.total_seconds()))
         return ProfileAnswer(times_json=reply.times_json, reason=reply.reason)
+
+    async def echo(self, address: str, timeout: timedelta = timedelta(minutes=4)) -> str:
+        """Ask this member to echo a transport profile listening at ``address``; its echo's address."""
+        reply = await call_rpc(self._target, self._stub.Echo(pb.EchoRequest(address=address),
+                                                          timeout=timeout.total_seconds()))
+        return reply.address

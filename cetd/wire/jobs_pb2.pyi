@@ -615,6 +615,50 @@ class ProfileResponse(_message.Message):
 Global___ProfileResponse: _TypeAlias = ProfileResponse  # noqa: Y015
 
 @_typing.final
+class EchoRequest(_message.Message):
+    """A device timing its tensor transport asks another device to answer its ping-pong: the far end of
+    cetd/runtime/profiling.py profile_transport, in a job process of the asked device.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """The caller's profile channel (host:port), listening with the caller's device certificate."""
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EchoRequest: _TypeAlias = EchoRequest  # noqa: Y015
+
+@_typing.final
+class EchoResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """The echo's channel (host:port), listening with the asked device's certificate."""
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EchoResponse: _TypeAlias = EchoResponse  # noqa: Y015
+
+@_typing.final
 class JobReport(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -109,6 +109,11 @@ class JobsStub:
                 request_serializer=cetd_dot_wire_dot_jobs__pb2.ProfileRequest.SerializeToString,
                 response_deserializer=cetd_dot_wire_dot_jobs__pb2.ProfileResponse.FromString,
                 _registered_method=True)
+        self.Echo = channel.unary_unary(
+                '/cetd.v1.Jobs/Echo',
+                request_serializer=cetd_dot_wire_dot_jobs__pb2.EchoRequest.SerializeToString,
+                response_deserializer=cetd_dot_wire_dot_jobs__pb2.EchoResponse.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
@@ -210,6 +215,14 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Echo(self, request, context):
+        """To another member, from a device timing its transport: echo the caller's ping-pong from here (refused
+        while this device trains, measures or echoes already).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -287,6 +300,11 @@ def add_JobsServicer_to_server(servicer, server):
                     servicer.Profile,
                     request_deserializer=cetd_dot_wire_dot_jobs__pb2.ProfileRequest.FromString,
                     response_serializer=cetd_dot_wire_dot_jobs__pb2.ProfileResponse.SerializeToString,
+            ),
+            'Echo': grpc.unary_unary_rpc_method_handler(
+                    servicer.Echo,
+                    request_deserializer=cetd_dot_wire_dot_jobs__pb2.EchoRequest.FromString,
+                    response_serializer=cetd_dot_wire_dot_jobs__pb2.EchoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -694,6 +712,33 @@ class Jobs:
             '/cetd.v1.Jobs/Profile',
             cetd_dot_wire_dot_jobs__pb2.ProfileRequest.SerializeToString,
             cetd_dot_wire_dot_jobs__pb2.ProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Echo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cetd.v1.Jobs/Echo',
+            cetd_dot_wire_dot_jobs__pb2.EchoRequest.SerializeToString,
+            cetd_dot_wire_dot_jobs__pb2.EchoResponse.FromString,
             options,
             channel_credentials,
             insecure,

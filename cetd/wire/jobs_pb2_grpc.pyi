@@ -59,6 +59,10 @@ class JobsStub:
     """
     Profile: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ProfileRequest, _jobs_pb2.ProfileResponse]
     """To any member, from the coordinator before it plans: this device's times for the job's shapes."""
+    Echo: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.EchoRequest, _jobs_pb2.EchoResponse]
+    """To another member, from a device timing its transport: echo the caller's ping-pong from here (refused
+    while this device trains, measures or echoes already).
+    """
 
 @_typing.type_check_only
 class JobsAsyncStub(JobsStub):
@@ -85,6 +89,10 @@ class JobsAsyncStub(JobsStub):
     """
     Profile: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ProfileRequest, _jobs_pb2.ProfileResponse]  # type: ignore[assignment]
     """To any member, from the coordinator before it plans: this device's times for the job's shapes."""
+    Echo: _aio.UnaryUnaryMultiCallable[_jobs_pb2.EchoRequest, _jobs_pb2.EchoResponse]  # type: ignore[assignment]
+    """To another member, from a device timing its transport: echo the caller's ping-pong from here (refused
+    while this device trains, measures or echoes already).
+    """
 
 class JobsServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -198,5 +206,15 @@ class JobsServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.ProfileResponse, _abc.Awaitable[_jobs_pb2.ProfileResponse]]:
         """To any member, from the coordinator before it plans: this device's times for the job's shapes."""
+
+    @_abc_1.abstractmethod
+    def Echo(
+        self,
+        request: _jobs_pb2.EchoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.EchoResponse, _abc.Awaitable[_jobs_pb2.EchoResponse]]:
+        """To another member, from a device timing its transport: echo the caller's ping-pong from here (refused
+        while this device trains, measures or echoes already).
+        """
 
 def add_JobsServicer_to_server(servicer: JobsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

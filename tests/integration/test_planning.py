@@ -118,13 +118,17 @@ def test_the_plan_uses_each_devices_own_times_for_the_models_shapes(household: H
     cached = list((profiled.state_dir / "profiles").glob("*.json"))
     assert len(cached) == 1, cached
     assert cached[0].stat().st_mode & 0o777 == 0o600
-    times = json.loads(cached[0].read_text())["times"]
+    stored = json.loads(cached[0].read_text())
+    times = stored["times"]
     assert first["speed_source"][str(profiled.device_id)] == "measured"
     assert first["block_seconds"][str(profiled.device_id)] == times["block_seconds"]
     assert 0 < times["block_seconds"] < 0.1
     assert times["head_blocks"] > 0
     assert times["optimizer_seconds_per_parameter"] > 0
-    assert times["message_seconds"] > 0  # a hop between two processes of the device over mutual-TLS channels
+    # No other device profiles, so none echoes its transport profile (test_transport_profile): it timed a hop
+    # between two of its own processes over mutual-TLS channels instead.
+    assert stored["echo"] == "local"
+    assert times["message_seconds"] > 0
     assert times["byte_seconds"] > 0
     assert times["cpu_share"] > 0
     others = [str(d.device_id) for d in household.daemons[:2]]

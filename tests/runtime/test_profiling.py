@@ -22,6 +22,7 @@ from cetd.runtime.profiling import (
     _unsplittable,
     echo_transport,
     hop_cpu_seconds,
+    near_hop_seconds,
     profile_shape,
     profile_transport,
 )
@@ -111,6 +112,23 @@ def test_a_hops_cost_is_both_ends_cpu_over_the_devices_share() -> None:
         hop_cpu_seconds(near, {**far, "profile/large": PhaseCost(messages=9, cpu_seconds=0.014)}, cpu_share=0.5)
     with pytest.raises(ValueError, match="no device's"):
         hop_cpu_seconds(near, far, cpu_share=0.0)
+
+
+def test_against_an_echo_on_another_device_a_hops_cost_is_this_ends_cpu_alone() -> None:
+    # Each round trip here sends one message and receives one: a whole hop's work on this device. The
+    # echo's CPU (on its own device) is not this device's.
+    near = TransportProfile(hop_seconds=9.0, byte_seconds=9.0, large_bytes=1000, phases={
+        "profile/small": PhaseCost(messages=100, cpu_seconds=0.030),
+        "profile/large": PhaseCost(messages=10, cpu_seconds=0.010)})
+    message, per_byte = near_hop_seconds(near, cpu_share=0.5)
+    assert message == pytest.approx(0.030 / 100 / 0.5)  # 0.6 ms: 0.3 ms of CPU at half a core
+    assert per_byte == pytest.approx((0.010 / 10 / 0.5 - message) / 1000)
+    with pytest.raises(ValueError, match="no device's"):
+        near_hop_seconds(near, cpu_share=0.0)
+    silent = TransportProfile(hop_seconds=9.0, byte_seconds=9.0, large_bytes=1000, phases={
+        "profile/small": PhaseCost(messages=0, cpu_seconds=0.0), "profile/large": PhaseCost(messages=10, cpu_seconds=0.01)})
+    with pytest.raises(ValueError, match="sent no message in profile/small"):
+        near_hop_seconds(silent, cpu_share=0.5)
 
 
 class _Clock:
