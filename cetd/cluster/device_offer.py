@@ -63,7 +63,7 @@ class DeviceOffer:
     block_fixed_seconds: float | None = None
     """Per micro-batch, the part of a block's time that a tensor-parallel split does not shrink; None: 0."""
     message_seconds: float | None = None
-    """One hop over the tensor transport, both ends' CPU on this device over its CPU share, as measured;
+    """One hop over the tensor transport, both ends' work done on this device, over its CPU share, as measured;
     None: estimated."""
     byte_seconds: float | None = None
     """The same hop's extra time per byte, as measured; None: estimated."""
