@@ -305,16 +305,14 @@ def hop_cpu_seconds(profile: TransportProfile, echo: dict[str, PhaseCost], cpu_s
     Raises:
         ValueError: the two ends disagree on a phase's messages, or a share that is not positive.
     """
-    if cpu_share <= 0:
-        raise ValueError(f"a CPU share of {cpu_share} is no device's")
+    _check_share(cpu_share)
     per_hop = {}
     for name, near in profile.phases.items():
         far = echo.get(name)
         if far is None or far.messages != near.messages or near.messages < 1:
             raise ValueError(f"the echo answered {far.messages if far else 0} of {near.messages} messages of {name}")
         per_hop[name] = (near.cpu_seconds + far.cpu_seconds) / (2 * near.messages) / cpu_share
-    small, big = per_hop["profile/small"], per_hop["profile/large"]
-    return small, max(big - small, 0.0) / profile.large_bytes
+    return _split_hop(per_hop, profile.large_bytes)
 
 
 def near_hop_seconds(profile: TransportProfile, cpu_share: float) -> tuple[float, float]:
@@ -328,12 +326,21 @@ def near_hop_seconds(profile: TransportProfile, cpu_share: float) -> tuple[float
     Raises:
         ValueError: a phase without messages, or a share that is not positive.
     """
-    if cpu_share <= 0:
-        raise ValueError(f"a CPU share of {cpu_share} is no device's")
+    _check_share(cpu_share)
     per_hop = {}
     for name, near in profile.phases.items():
         if near.messages < 1:
             raise ValueError(f"the profile sent no message in {name}")
         per_hop[name] = near.cpu_seconds / near.messages / cpu_share
+    return _split_hop(per_hop, profile.large_bytes)
+
+
+def _check_share(cpu_share: float) -> None:
+    if cpu_share <= 0:
+        raise ValueError(f"a CPU share of {cpu_share} is no device's")
+
+
+def _split_hop(per_hop: dict[str, float], large_bytes: int) -> tuple[float, float]:
+    """Seconds per hop (the small messages' figure) and per byte (what a large message adds, per byte)."""
     small, big = per_hop["profile/small"], per_hop["profile/large"]
-    return small, max(big - small, 0.0) / profile.large_bytes
+    return small, max(big - small, 0.0) / large_bytes
