@@ -50,7 +50,7 @@ from .job_store import JobStore, StoredJob
 from .job_supervisor import JobRecord, JobSupervisor
 from .local_workers import LocalWorkers
 from .planning_inputs import energy_model, member_offers, peer_map, planning_inputs
-from .shape_profiles import ShapeProfiles
+from .shape_profiles import EchoFound, ShapeProfiles
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class JobManager:
                                     remote=lambda device_id: self._client(device_id).profile,
                                     busy=lambda: bool(self.workers),  # a job trains here
                                     host=host, find_echo=self._find_echo)
-        node.measuring = self.shapes.lock.locked
+        node.measuring = self.shapes.measuring
 
     @property
     def me(self) -> DeviceId:
@@ -369,22 +369,25 @@ class JobManager:
             raise JobError("no profile address to echo")
         return await self.shapes.serve_echo(address, tls_server_name(caller))
 
-    async def _find_echo(self, address: str) -> tuple[str, str] | None:
+    async def _find_echo(self, address: str) -> EchoFound:
         """Another live device to echo this device's transport profile at ``address``: one on another machine
-        first, then in device-ID order; None when none would."""
+        first, then in device-ID order; none when none would (`EchoFound.later` when one refused only for now)."""
         machines = self._machines()
         mine = machines.get(str(self.me), "")
         peers = sorted((d for d in self.live_devices() if d != self.me),
                        key=lambda d: (bool(mine) and machines.get(d) == mine, d))
+        later = False
         for device_id in peers:
             try:
                 echo = await self._client(device_id).echo(address, timeout=ECHO_ASK_TIMEOUT)
             except (CetdError, OSError, TimeoutError) as error:
                 logger.info("%s does not echo the transport profile: %s", short_id(device_id), error)
+                later = later or isinstance(error, UnavailableError)
                 continue
-            return echo, tls_server_name(DeviceId(device_id))
-        logger.info("no other device echoes the transport profile; timing it against an echo on this device")
-        return None
+            return EchoFound((echo, tls_server_name(DeviceId(device_id))))
+        if not later:
+            logger.info("no other device echoes the transport profile; timing it against an echo on this device")
+        return EchoFound(None, later=later)
 
     async def plan(self, spec_json: str, description_json: str, remove: tuple[str, ...], add_json: str,
                    caller: DeviceId) -> PlanAnswer:

@@ -14,12 +14,12 @@ first over-predicted a one-device job by 23%, the plan built on the second came 
 
 What a message over the tensor transport costs (`ShapeTimes.message_seconds`, ``byte_seconds``) does not
 depend on the model: every shape profile times the same two messages, against an echo on another device
-when one answers (`serve_echo`: any member that neither trains nor measures), else against an echo in a
-second process of this device. A device answers with the median of its every fresh profile's figures,
-not the one profile's — of those timed against another device, where there are any: on the study's
-testbed one device at a fifth of a core measured 5.2, 8.7 and 11.4 ms per hop in three profiles minutes
-apart (and a device at 0.4 of a core 1.8 to 3.1 ms), and a tensor-parallel forecast is little else than
-that figure times its hops.
+when one answers (`ShapeProfiles.serve_echo`: any member that neither trains nor measures, or whose own
+profile waits for an echo), else against an echo in a second process of this device. A device answers
+with the median of its every fresh profile's figures, not the one profile's — of those timed against
+another device, where there are any: on the study's testbed one device at a fifth of a core measured
+5.2, 8.7 and 11.4 ms per hop in three profiles minutes apart (and a device at 0.4 of a core 1.8 to
+3.1 ms), and a tensor-parallel forecast is little else than that figure times its hops.
 
 A device that cannot answer in time is planned with its reference block scaled by FLOPs
 (`cetd.daemon.planning_inputs.scale_block_seconds`), as before. Re-plans after a failure ask the
@@ -35,21 +35,22 @@ import asyncio
 import hashlib
 import json
 import logging
+import random
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
-from cetd.errors import CetdError, JobError
+from cetd.errors import CetdError, JobError, UnavailableError
 from cetd.identity import write_file_atomic
 from cetd.runtime.spec import JobSpec, ModelDescription, ShapeTimes, from_json, to_json
 from cetd.transport.job_types import ProfileAnswer, ProfileQuery
 
 from .job_process import JobProcess
 
-__all__ = ["ShapeProfiles", "gather_shape_times", "pooled_message_costs", "shape_key"]
+__all__ = ["EchoFound", "ShapeProfiles", "gather_shape_times", "pooled_message_costs", "shape_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,10 @@ MEASURE_TIMEOUT = timedelta(minutes=3)
 """Longest a device spends timing one shape (a fresh process imports torch first)."""
 ECHO_TIMEOUT = timedelta(minutes=3)
 """Longest an echo for another device's profile waits to start (it imports torch) and then to be done."""
+ECHO_WAIT = timedelta(seconds=90)
+"""Longest a transport profile asks again for an echo while devices refuse only for now (they measure too)."""
+ECHO_RETRY_SECONDS = (2.0, 4.0)
+"""Pause between those asks, drawn at random so that two devices do not ask each other in lockstep."""
 ASK_TIMEOUT = timedelta(minutes=4)
 """Longest the coordinator waits for all devices' answers before planning without the missing ones."""
 
@@ -71,8 +76,18 @@ def shape_key(description: ModelDescription, *, micro_batch: int, seq_len: int, 
     return hashlib.sha256(document.encode()).hexdigest()[:32]
 
 
-FindEcho = Callable[[str], Awaitable[tuple[str, str] | None]]
-"""A profile channel's address → an echo's address and TLS name on another device, or None."""
+@dataclass(frozen=True)
+class EchoFound:
+    """What one round of asks for an echo found."""
+
+    peer: tuple[str, str] | None
+    """The echo's address and TLS name on another device; None when none would echo."""
+    later: bool = False
+    """Some device refused only for now (it measures or echoes): asking again later may find it free."""
+
+
+FindEcho = Callable[[str], Awaitable[EchoFound]]
+"""A profile channel's address → the other devices' answers, asked in turn (`EchoFound`)."""
 
 
 class ShapeProfiles:
@@ -104,7 +119,15 @@ class ShapeProfiles:
         self._find_echo = find_echo
         self._echoes: set[asyncio.Task[None]] = set()
         self.lock = asyncio.Lock()
-        """Held while measuring (here and by the daily reference profiler): one measurement at a time."""
+        """Held while measuring or echoing (here and by the daily reference profiler): one at a time."""
+        self._parked = False
+        """This device's own profile holds `lock` but waits between asks for an echo: its process idles."""
+        self._lent: asyncio.Future[None] | None = None
+        """Done when the echo that this device serves while its own profile is parked has ended."""
+
+    def measuring(self) -> bool:
+        """Whether this device measures or echoes now (its CPU figures, or another device's, are being taken)."""
+        return self.lock.locked() or self._lent is not None
 
     async def gather(self, devices: Iterable[str], description_json: str, spec: JobSpec, *, measure: bool,
                      machines: Mapping[str, str] | None = None) -> dict[str, ShapeTimes]:
@@ -148,6 +171,7 @@ class ShapeProfiles:
         found = self.cached(key)
         if found is None and query.measure and self._enabled:
             async with self.lock:
+                await self._lent_echo_done()
                 found = self.cached(key)  # another request may have measured it meanwhile
                 if found is None:
                     if self._busy():
@@ -170,7 +194,7 @@ class ShapeProfiles:
             while True:
                 event = await process.next_event(MEASURE_TIMEOUT)
                 if event.get("event") == "transport" and self._find_echo is not None:
-                    peer = await self._find_echo(str(event.get("address", "")))
+                    peer = await self._wait_for_echo(self._find_echo, str(event.get("address", "")))
                     await process.send({"echo": list(peer) if peer else None})
                 elif event.get("event") == "profiled":
                     break
@@ -191,17 +215,56 @@ class ShapeProfiles:
                     echo or "none")
         return times
 
+    async def _wait_for_echo(self, find_echo: FindEcho, address: str) -> tuple[str, str] | None:
+        """An echo on another device for this device's profile listening at ``address``; None when none would.
+
+        Devices on different machines profile at the same time, and each refuses to echo while it measures
+        (`serve_echo`). So while a device refuses only for now, this asks again every few seconds, for up to
+        `ECHO_WAIT`. Between asks its own profile is parked — its process idles, holding its listening
+        channel — and `serve_echo` may lend this device as an echo meanwhile: two devices that wait for
+        each other pair up, and the first one's echo then asks the other in turn. A device never asks and
+        echoes at once, so two never echo each other's measurements at the same time.
+        """
+        deadline = time.monotonic() + ECHO_WAIT.total_seconds()
+        while True:
+            found = await find_echo(address)
+            if found.peer is not None or not found.later or time.monotonic() >= deadline:
+                return found.peer
+            self._parked = True
+            try:
+                await asyncio.sleep(random.uniform(*ECHO_RETRY_SECONDS))
+            finally:
+                self._parked = False
+            await self._lent_echo_done()
+
+    async def _lent_echo_done(self) -> None:
+        """Wait for the echo lent while this device's profile was parked, if one runs."""
+        while self._lent is not None:
+            await asyncio.shield(self._lent)
+
     async def serve_echo(self, address: str, tls_name: str) -> str:
         """The Echo RPC: answer another device's transport profile listening at ``address`` from an echo
-        process here; its address once it listens. The echo holds `lock` until it is done.
+        process here; its address once it listens. The echo holds `lock` until it is done — or, when this
+        device's own profile is parked waiting for an echo itself (`_wait_for_echo`), keeps that parked
+        until it is done.
 
         Raises:
-            JobError: this device trains, measures or echoes already (its own figures and the caller's
-                would both be skewed), or the echo did not start.
+            JobError: this device trains or does not profile (an echo beside a job would skew both), or the
+                echo did not start.
+            UnavailableError: it measures or echoes now; it may echo when asked again later.
         """
-        if self._busy() or self.lock.locked() or not self._enabled or not self._host:
-            raise JobError("this device trains, measures or echoes now, or does not profile; not an echo now")
-        await self.lock.acquire()
+        if self._busy() or not self._enabled or not self._host:
+            raise JobError("this device trains now or does not profile; not an echo")
+        release: Callable[[], None]
+        if not self.lock.locked() and self._lent is None:
+            await self.lock.acquire()  # free: taken at once, with no other task in between
+            release = self.lock.release
+        elif self._parked and self._lent is None:
+            self._parked = False
+            self._lent = asyncio.get_running_loop().create_future()
+            release = self._end_lent_echo
+        else:
+            raise UnavailableError("this device measures or echoes now; ask again later")
         process = JobProcess(name="the transport echo", log_path=self._log)
         try:
             await process.start({"role": "echo", "state_dir": str(self._state_dir), "threads": 1, "host": self._host,
@@ -209,21 +272,26 @@ class ShapeProfiles:
             ready = await process.expect("ready", ECHO_TIMEOUT)
         except BaseException:
             await process.stop()
-            self.lock.release()
+            release()
             raise
-        task = asyncio.get_running_loop().create_task(self._finish_echo(process), name="transport echo")
+        task = asyncio.get_running_loop().create_task(self._finish_echo(process, release), name="transport echo")
         self._echoes.add(task)
         task.add_done_callback(self._echoes.discard)
         return str(ready["address"])
 
-    async def _finish_echo(self, process: JobProcess) -> None:
+    def _end_lent_echo(self) -> None:
+        if self._lent is not None:
+            lent, self._lent = self._lent, None
+            lent.set_result(None)
+
+    async def _finish_echo(self, process: JobProcess, release: Callable[[], None]) -> None:
         try:
             await process.expect("echoed", ECHO_TIMEOUT)
         except JobError as error:
             logger.warning("the transport echo for another device ended early: %s", error)
         finally:
             await process.stop()
-            self.lock.release()
+            release()
 
 
 def pooled_message_costs(directory: Path) -> tuple[float, float] | None:

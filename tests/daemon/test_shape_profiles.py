@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cetd.daemon.shape_profiles import PROFILES_DIR, ShapeProfiles, gather_shape_times
-from cetd.errors import JobError, UnavailableError
+from cetd.daemon import shape_profiles
+from cetd.daemon.shape_profiles import PROFILES_DIR, EchoFound, ShapeProfiles, gather_shape_times
+from cetd.errors import CetdError, JobError, UnavailableError
 from cetd.runtime.models.loading import load_model
 from cetd.runtime.spec import JobSpec, ShapeTimes, to_json
 from cetd.transport.job_types import ProfileAnswer, ProfileQuery
@@ -111,20 +112,112 @@ def test_message_costs_timed_against_another_device_are_preferred(tmp_path: Path
 
 
 def test_an_echo_is_refused_while_this_device_trains_measures_or_does_not_profile(tmp_path: Path) -> None:
-    async def refusal(profiles: ShapeProfiles, hold: bool = False) -> str:
+    async def refusal(profiles: ShapeProfiles, hold: bool = False) -> CetdError:
         if hold:
             await profiles.lock.acquire()
-        with pytest.raises(JobError) as refused:
+        with pytest.raises(CetdError) as refused:
             await profiles.serve_echo("127.0.0.1:1", "device.cetd.invalid")
-        return str(refused.value)
+        return refused.value
 
-    training = ShapeProfiles(tmp_path, threads=1, busy=lambda: True, host="127.0.0.1")
-    assert "trains, measures or echoes now" in asyncio.run(refusal(training))
-    measuring = ShapeProfiles(tmp_path, threads=1, busy=lambda: False, host="127.0.0.1")
-    assert "trains, measures or echoes now" in asyncio.run(refusal(measuring, hold=True))
-    off = ShapeProfiles(tmp_path, threads=1, busy=lambda: False, enabled=False, host="127.0.0.1")
-    assert "does not profile" in asyncio.run(refusal(off))
+    training = asyncio.run(refusal(ShapeProfiles(tmp_path, threads=1, busy=lambda: True, host="127.0.0.1")))
+    assert isinstance(training, JobError)
+    assert "trains now" in str(training)
+    # Measuring is a refusal for now only: the caller may ask again (`UnavailableError`).
+    measuring = asyncio.run(refusal(ShapeProfiles(tmp_path, threads=1, busy=lambda: False, host="127.0.0.1"),
+                                    hold=True))
+    assert isinstance(measuring, UnavailableError)
+    assert "measures or echoes now" in str(measuring)
+    off = asyncio.run(refusal(ShapeProfiles(tmp_path, threads=1, busy=lambda: False, enabled=False,
+                                            host="127.0.0.1")))
+    assert isinstance(off, JobError)
+    assert "does not profile" in str(off)
     assert not (tmp_path / "profile.log").exists(), "no echo process was started"
+
+
+class _EchoProcess:
+    """Stands in for the echo's job process: ready at once, echoed when the test says (`finish`)."""
+
+    started: list[_EchoProcess] = []
+
+    def __init__(self, name: str, log_path: Path) -> None:
+        self.finish = asyncio.Event()
+        self.stopped = False
+        _EchoProcess.started.append(self)
+
+    async def start(self, launch: dict[str, object]) -> None:
+        assert launch["role"] == "echo"
+
+    async def expect(self, event: str, timeout: timedelta) -> dict[str, object]:
+        if event == "echoed":
+            await self.finish.wait()
+        return {"event": event, "address": "127.0.0.1:9"}
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+def test_a_profile_waiting_for_an_echo_asks_again_and_lends_this_device_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Devices on different machines profile at once and refuse to echo while they measure. One whose profile
+    # waits for an echo asks again every few seconds, and meanwhile echoes for another device that asks it:
+    # two that wait for each other pair up — but a device never asks and echoes at the same time.
+    monkeypatch.setattr(shape_profiles, "ECHO_RETRY_SECONDS", (0.05, 0.05))
+    monkeypatch.setattr(shape_profiles, "JobProcess", _EchoProcess)
+    _EchoProcess.started = []
+    profiles = ShapeProfiles(tmp_path, threads=1, busy=lambda: False, host="127.0.0.1")
+    asks: list[bool] = []
+    asked = asyncio.Event()
+
+    async def find_echo(address: str) -> EchoFound:
+        asks.append(profiles.measuring() and profiles._lent is None)  # asking while lent would be a bug
+        asked.set()
+        if len(asks) < 3:
+            return EchoFound(None, later=True)
+        return EchoFound(("127.0.0.1:7", "peer.cetd.invalid"))
+
+    async def scenario() -> tuple[str, str] | None:
+        async with profiles.lock:  # as `answer` holds it while measuring
+            waiting = asyncio.create_task(profiles._wait_for_echo(find_echo, "127.0.0.1:5"))
+            await asked.wait()
+            assert profiles._parked, "refused for now: parked until it asks again"
+            assert await profiles.serve_echo("127.0.0.1:6", "other.cetd.invalid") == "127.0.0.1:9"
+            assert profiles.measuring()
+            with pytest.raises(UnavailableError, match="measures or echoes now"):  # one echo at a time
+                await profiles.serve_echo("127.0.0.1:8", "third.cetd.invalid")
+            await asyncio.sleep(0.3)
+            assert len(asks) == 1, "no ask while this device echoes"
+            _EchoProcess.started[0].finish.set()
+            peer = await waiting
+        return peer
+
+    assert asyncio.run(scenario()) == ("127.0.0.1:7", "peer.cetd.invalid")
+    assert asks == [True, True, True]
+    assert len(_EchoProcess.started) == 1
+    assert _EchoProcess.started[0].stopped
+    assert not profiles.measuring()
+
+
+def test_a_profile_stops_asking_for_an_echo_when_none_would_or_after_the_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shape_profiles, "ECHO_RETRY_SECONDS", (0.05, 0.05))
+    profiles = ShapeProfiles(tmp_path, threads=1, busy=lambda: False, host="127.0.0.1")
+    asks: list[str] = []
+
+    def answering(found: EchoFound) -> shape_profiles.FindEcho:
+        async def find_echo(address: str) -> EchoFound:
+            asks.append(address)
+            return found
+        return find_echo
+
+    # Refused for good (they train, or there is nobody else): one round of asks, then the echo here.
+    assert asyncio.run(profiles._wait_for_echo(answering(EchoFound(None)), "a")) is None
+    assert asks == ["a"]
+    # Refused for now, again and again: asks until `ECHO_WAIT` has passed.
+    monkeypatch.setattr(shape_profiles, "ECHO_WAIT", timedelta(seconds=0.3))
+    started = time.monotonic()
+    assert asyncio.run(profiles._wait_for_echo(answering(EchoFound(None, later=True)), "b")) is None
+    assert 0.3 <= time.monotonic() - started < 2.0
+    assert 3 <= asks.count("b") <= 8
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -281,6 +281,16 @@ class NetnsRig:
         """`argv` prefixed so that it runs inside the host's namespace."""
         return ["ip", "netns", "exec", self.host(ref).netns, *argv]
 
+    def machine_argv(self, ref: HostRef, directory: Path) -> list[str]:
+        """A prefix that runs a command inside the host's namespace as if on a machine of its own: in a mount
+        namespace where the kernel's boot ID (which cetd tells machines apart by) is one of the host's own,
+        kept in ``directory``. CPUs and memory are still shared: it changes what daemons believe only."""
+        host = self.host(ref)
+        boot_id = directory / f"{host.netns}.boot_id"
+        boot_id.write_text(f"{secrets.token_hex(4)}-{host.index:04x}-4000-8000-{secrets.token_hex(6)}\n")
+        return [*self.exec_argv(ref, []), "unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$0" /proc/sys/kernel/random/boot_id && exec "$@"', str(boot_id)]
+
     def popen(self, ref: HostRef, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start `argv` on a host; it runs in a session of its own and is stopped at teardown.
 
