@@ -15,7 +15,10 @@ was over before a spell of the shared machine (seconds long) had passed, and the
   (`cetd.cluster.power`), plus the driver's CPU-seconds and bytes on the submitting device; a model.
 
 The product's own figures (``seconds_per_sample``, ``joules_per_sample`` with its ``energy_source``,
-both over every step) and the plan's predictions are kept as reported. A job the planner refuses
+both over every step) and the plan's predictions are kept as reported, with, per host, what the forecast
+asked first has it busy for a step beside what it was (its CPU-seconds per step over its CPU fraction),
+the block time it used, and the forecast's bottleneck and notes: where a forecast misses, they show
+which device's figures or which part of the step it got wrong. A job the planner refuses
 for memory (exit 65 before any step, with the planner's sentence) is ``refused``; a job killed by the kernel's OOM
 killer inside a device's cgroup is ``oom``.
 """
@@ -118,6 +121,19 @@ class JobOutcome:
     message_ms: list[float | None] = field(default_factory=list)
     """Per host, the milliseconds per message hop its profiles answered the plan (`pooled_message_costs`),
     read after the job; None where none was measured."""
+    forecast_busy_seconds: list[float | None] = field(default_factory=list)
+    """Per host, the seconds of one step the plan's forecast (`cetctl plan`, asked before the job) has the
+    device busy; None for a host the plan leaves out. Beside `busy_seconds`, it shows which device's
+    figures a missed forecast got wrong."""
+    forecast_block_ms: list[float | None] = field(default_factory=list)
+    """Per host, the milliseconds per sample of one block that forecast used (its shape profile)."""
+    forecast_bottleneck: str = ""
+    """The host (``host N``) or link that forecast says sets the pace."""
+    forecast_notes: list[str] = field(default_factory=list)
+    """That forecast's notes: its collectives', optimizer's and driver's seconds per step."""
+    busy_seconds: list[float | None] = field(default_factory=list)
+    """Per host, measured: its CPU-seconds per steady-state step over its CPU fraction (the wall time that
+    CPU takes at its cap; a device at its step time was never idle)."""
     rerun_seconds_per_sample: float | None = None
     """A job whose forecast missed by more than `MISS`, submitted again at the end of its device set (a fresh
     plan from the same household): its steady-state s/sample. None where not rerun."""
@@ -165,7 +181,8 @@ def run_job(testbed: Testbed, *, model: str, folder: Path, data: Path, paralleli
     job = ("--model", str(folder), "--data", str(data), "--batch", str(settings.global_batch),
            "--micro-batches", str(settings.micro_batches), "--seq-len", str(settings.seq_len),
            "--parallelism", parallelism, "--devices", devices, "--seed", "0")
-    steps = settings.steps_for(_forecast_step_seconds(testbed, job, settings))
+    forecast = _forecast(testbed, job, settings)
+    steps = settings.steps_for(forecast["seconds_per_sample"] * settings.global_batch if forecast else None)
     links = _links(testbed)
     oom_before = testbed.oom_kills()
     started = time.monotonic()
@@ -176,6 +193,8 @@ def run_job(testbed: Testbed, *, model: str, folder: Path, data: Path, paralleli
     reader.start()
     outcome = JobOutcome(model=model, parallelism=parallelism, device_set=testbed.device_set.name, status="failed",
                          links=links, steps=steps)
+    if forecast:
+        _keep_forecast(outcome, testbed, forecast)
     try:
         process.wait(timeout=settings.timeout.total_seconds())
     except subprocess.TimeoutExpired:
@@ -204,20 +223,43 @@ def run_job(testbed: Testbed, *, model: str, folder: Path, data: Path, paralleli
     return outcome
 
 
-def _forecast_step_seconds(testbed: Testbed, job: tuple[str, ...], settings: JobSettings) -> float | None:
-    """The plan's forecast of one step of ``job`` (`cetctl plan`, which profiles the shapes as a submission
-    would); None where there is no window to reach or the planner gives no plan (a refusal shows in the job)."""
+def _forecast(testbed: Testbed, job: tuple[str, ...], settings: JobSettings) -> dict[str, Any] | None:
+    """The plan's forecast for ``job`` (`cetctl plan`'s ``prediction``, which profiles the shapes as a
+    submission would); None where there is no window to reach or the planner gives no plan (a refusal
+    shows in the job)."""
     if not settings.min_window:
         return None
     process = testbed.cetctl(SUBMITTER, "plan", *job)
     try:
         text, _ = process.communicate(timeout=settings.timeout.total_seconds())
-        per_sample = float(json.loads(text)["prediction"]["seconds_per_sample"])
+        prediction = json.loads(text)["prediction"]
+        float(prediction["seconds_per_sample"])
     except (subprocess.TimeoutExpired, ValueError, KeyError, TypeError):
         process.kill()
         process.wait()
         return None
-    return per_sample * settings.global_batch
+    return dict(prediction)
+
+
+def _keep_forecast(outcome: JobOutcome, testbed: Testbed, prediction: dict[str, Any]) -> None:
+    """Per host, the busy seconds and block time ``prediction`` used, and its bottleneck, by host."""
+    hosts = len(testbed.household.daemons)
+    busy: list[float | None] = [None] * hosts
+    block: list[float | None] = [None] * hosts
+    for device_id, seconds in (prediction.get("busy_seconds") or {}).items():
+        if device_id in testbed.host_of_device:
+            busy[testbed.host_of_device[device_id]] = round(float(seconds), 4)
+    for device_id, seconds in (prediction.get("block_seconds") or {}).items():
+        if device_id in testbed.host_of_device:
+            block[testbed.host_of_device[device_id]] = round(float(seconds) * 1e3, 4)
+    outcome.forecast_busy_seconds, outcome.forecast_block_ms = busy, block
+    def by_host(text: str) -> str:
+        for device_id, host in testbed.host_of_device.items():
+            text = text.replace(device_id, f"host {host}")
+        return text
+
+    outcome.forecast_bottleneck = by_host(str(prediction.get("bottleneck", "")))
+    outcome.forecast_notes = [by_host(str(note)) for note in prediction.get("notes") or ()]
 
 
 def _links(testbed: Testbed) -> dict[int, list[float]]:
@@ -281,6 +323,8 @@ def _summarise(outcome: JobOutcome, testbed: Testbed, events: list[dict[str, Any
     first, last = readings[0], readings[len(steps) - 1]
     workers = {w["host"] for w in outcome.workers}
     outcome.cpu_seconds = [b - a for a, b in zip(first.cpu_seconds, last.cpu_seconds, strict=True)]
+    outcome.busy_seconds = [round(cpu / len(window) / fractions[host], 4)
+                            for host, cpu in enumerate(outcome.cpu_seconds)]
     outcome.bytes_sent = [b - a for a, b in zip(first.bytes_sent, last.bytes_sent, strict=True)]
     received = [b - a for a, b in zip(first.bytes_received, last.bytes_received, strict=True)]
     wall = timedelta(seconds=last.at - first.at)
