@@ -228,8 +228,12 @@ class ShapeProfiles:
         deadline = time.monotonic() + ECHO_WAIT.total_seconds()
         while True:
             found = await find_echo(address)
-            if found.peer is not None or not found.later or time.monotonic() >= deadline:
+            if found.peer is not None or not found.later:
                 return found.peer
+            if time.monotonic() >= deadline:
+                logger.info("no other device was free to echo the transport profile within %g s; timing it "
+                            "against an echo on this device", ECHO_WAIT.total_seconds())
+                return None
             self._parked = True
             try:
                 await asyncio.sleep(random.uniform(*ECHO_RETRY_SECONDS))

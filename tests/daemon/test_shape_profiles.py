@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
@@ -198,7 +199,7 @@ def test_a_profile_waiting_for_an_echo_asks_again_and_lends_this_device_meanwhil
 
 
 def test_a_profile_stops_asking_for_an_echo_when_none_would_or_after_the_wait(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(shape_profiles, "ECHO_RETRY_SECONDS", (0.05, 0.05))
     profiles = ShapeProfiles(tmp_path, threads=1, busy=lambda: False, host="127.0.0.1")
     asks: list[str] = []
@@ -214,10 +215,12 @@ def test_a_profile_stops_asking_for_an_echo_when_none_would_or_after_the_wait(
     assert asks == ["a"]
     # Refused for now, again and again: asks until `ECHO_WAIT` has passed.
     monkeypatch.setattr(shape_profiles, "ECHO_WAIT", timedelta(seconds=0.3))
+    caplog.set_level(logging.INFO, logger=shape_profiles.__name__)
     started = time.monotonic()
     assert asyncio.run(profiles._wait_for_echo(answering(EchoFound(None, later=True)), "b")) is None
     assert 0.3 <= time.monotonic() - started < 2.0
     assert 3 <= asks.count("b") <= 8
+    assert "no other device was free to echo the transport profile within 0.3 s" in caplog.text
 
 
 @pytest.mark.parametrize(("change", "message"), [
