@@ -14,6 +14,7 @@ resource that sets the pace.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -83,8 +84,15 @@ class StepGraph:
             self._programs.setdefault(resource, []).append(name)
         return name
 
-    def replay(self) -> Replay:
+    def seconds(self, name: Hashable) -> float:
+        """How long task ``name`` holds its resources."""
+        return self._tasks[name].seconds
+
+    def replay(self, *, end: Hashable | None = None) -> Replay:
         """Run every resource's program as early as its inputs allow.
+
+        Args:
+            end: the task whose critical path `Replay.critical` follows back; None: the last to finish.
 
         Raises:
             ValueError: a task waits for one that was never added, or the programs deadlock (a task
@@ -99,44 +107,47 @@ class StepGraph:
         last: dict[str, Hashable | None] = dict.fromkeys(self._programs)
         finish: dict[Hashable, float] = {}
         held_by: dict[Hashable, tuple[Hashable | None, float]] = {}  # task -> (what it waited for, latency)
-        remaining = len(self._tasks)
-        while remaining:
-            progressed = False
-            for resource, program in self._programs.items():
-                while cursor[resource] < len(program):
-                    name = program[cursor[resource]]
-                    task = self._tasks[name]
-                    if not self._ready(name, task, cursor, finish):
-                        break
-                    start, cause, delay = 0.0, None, 0.0
-                    for member in task.resources:
-                        if free[member] > start:
-                            start, cause, delay = free[member], last[member], 0.0
-                    for dep, lag in task.after:
-                        if finish[dep] + lag > start:
-                            start, cause, delay = finish[dep] + lag, dep, lag
-                    finish[name] = start + task.seconds
-                    held_by[name] = (cause, delay)
-                    for member in task.resources:
-                        free[member], last[member] = finish[name], name
-                        cursor[member] += 1
-                    remaining -= 1
-                    progressed = True
-            if not progressed:
-                waiting = {r: p[cursor[r]] for r, p in self._programs.items() if cursor[r] < len(p)}
-                raise ValueError(f"the step graph deadlocks; resources wait at {waiting!r}")
+        waiters: dict[Hashable, list[str]] = {}  # task -> resources whose next task waits for it to finish
+        pending = deque(self._programs)  # resources whose next task may have become ready
+        while pending:
+            resource = pending.popleft()
+            program = self._programs[resource]
+            while cursor[resource] < len(program):
+                name = program[cursor[resource]]
+                task = self._tasks[name]
+                if any(self._programs[m][cursor[m]] != name for m in task.resources):
+                    break  # a member gets to it later; it comes back here then
+                missing = next((dep for dep, _ in task.after if dep not in finish), None)
+                if missing is not None:
+                    waiters.setdefault(missing, []).append(resource)
+                    break
+                start, cause, delay = 0.0, None, 0.0
+                for member in task.resources:
+                    if free[member] > start:
+                        start, cause, delay = free[member], last[member], 0.0
+                for dep, lag in task.after:
+                    if finish[dep] + lag > start:
+                        start, cause, delay = finish[dep] + lag, dep, lag
+                finish[name] = start + task.seconds
+                held_by[name] = (cause, delay)
+                for member in task.resources:
+                    free[member], last[member] = finish[name], name
+                    cursor[member] += 1
+                    if member != resource:
+                        pending.append(member)
+                pending.extend(waiters.pop(name, ()))
+        if len(finish) < len(self._tasks):
+            waiting = {r: p[cursor[r]] for r, p in self._programs.items() if cursor[r] < len(p)}
+            raise ValueError(f"the step graph deadlocks; resources wait at {waiting!r}")
+        if end is not None and end not in finish:
+            raise ValueError(f"task {end!r} was never added")
         return Replay(makespan=max(finish.values(), default=0.0), finish=finish,
-                      critical=self._critical_path(finish, held_by))
+                      critical=self._critical_path(finish, held_by, end))
 
-    def _ready(self, name: Hashable, task: _Task, cursor: dict[str, int], finish: dict[Hashable, float]) -> bool:
-        if any(self._programs[m][cursor[m]] != name for m in task.resources if cursor[m] < len(self._programs[m])):
-            return False
-        return all(dep in finish for dep, _ in task.after)
-
-    def _critical_path(self, finish: dict[Hashable, float],
-                       held_by: dict[Hashable, tuple[Hashable | None, float]]) -> dict[str, float]:
+    def _critical_path(self, finish: dict[Hashable, float], held_by: dict[Hashable, tuple[Hashable | None, float]],
+                       end: Hashable | None) -> dict[str, float]:
         critical: dict[str, float] = {}
-        name: Hashable | None = max(finish, key=lambda n: finish[n], default=None)
+        name: Hashable | None = end if end is not None else max(finish, key=lambda n: finish[n], default=None)
         while name is not None:
             task = self._tasks[name]
             key = task.resources[0] if len(task.resources) == 1 else NETWORK

@@ -55,6 +55,21 @@ def test_latency_on_the_critical_path_counts_as_network() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_the_critical_path_may_end_at_a_named_task() -> None:
+    graph = StepGraph()
+    graph.add("report", "A", 1.0)
+    graph.add("announce", "driver", 0.5, after=[("report", 0.25)])
+    graph.add("tail", "B", 10.0)  # finishes last, but nothing waits for it
+    replay = graph.replay(end="announce")
+    assert replay.makespan == pytest.approx(10.0)
+    assert replay.critical == pytest.approx({"driver": 0.5, NETWORK: 0.25, "A": 1.0})
+    assert graph.replay().bottleneck == "B"
+    assert graph.seconds("announce") == 0.5
+    with pytest.raises(ValueError, match="never added"):
+        graph.replay(end="ghost")
+
+
+@pytest.mark.timeout(10)
 def test_deadlocks_and_bad_tasks_are_refused_with_the_reason() -> None:
     crossed = StepGraph()
     crossed.add("x", "A", 1.0, after=[("y", 0.0)])
