@@ -11,11 +11,14 @@ The model, per parallelism (b samples per micro-batch, M micro-batches, S stages
   its code runs it (`cetd.cluster.step_graph`): it takes in its micro-batches from the driver, runs its
   schedule's forwards (1/3 of a block's time) and backwards (2/3) as they become possible, each link
   carrying one activation or gradient at a time, then joins the replicas' loss all-gather, its chain's
-  loss broadcast, the tied-weight sum between first and last stage, its stage's gradient all-reduce
-  across replicas (every ``sync_every`` steps), and steps its optimizer. The step is when the last of
-  them finishes, plus the driver's round trip. So work that overlaps in the real run (one worker's intake
-  while another computes, the last stage's all-reduce while the first still runs backwards) is not added
-  up; for balanced stages and free links this is the familiar (M + S − 1) × stage time. A stage's time is
+  loss broadcast (which the last stage sends without waiting for the others to listen), the tied-weight
+  sum between first and last stage, its stage's gradient all-reduce across replicas (every ``sync_every``
+  steps), and steps its optimizer. Replica 0's last stage then sends the loss to the driver, which
+  announces the next step: a few steps are replayed back to back, and the step time is the steady spacing
+  of those announcements. So work that overlaps in the real run (one worker's intake while another
+  computes, the last stage's all-reduce while the first still runs backwards, a first stage's optimizer
+  step while the driver already announces the next step) is not added up; for balanced stages and free
+  links this is the familiar (M + S − 1) × stage time. A stage's time is
   b × its device's block seconds × (its blocks, plus the embedding's and head's extra load on the first
   and last stage), plus its CPU for the activations and gradients it sends and receives. Memory: GPipe
   keeps all M micro-batches' activations, 1F1B at most S − s on stage s. Data-parallel replicas train the
@@ -57,7 +60,7 @@ from cetd.cluster.transport_costs import (
     uses_ring,
 )
 from cetd.errors import JobError
-from cetd.runtime.schedules import ActionKind, build_schedule
+from cetd.runtime.schedules import Action, ActionKind, build_schedule
 from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, WorkerAssignment
 
 __all__ = [
@@ -318,103 +321,191 @@ FORWARD_SHARE = 1 / 3
 """A forward's share of a block's forward+backward time (the backward computes two gradients per weight)."""
 
 
+REPLAYED_STEPS = 4
+"""Steps the forecast replays back to back. The driver starts a step once the loss of the one before
+reaches it, so a worker off the loss's path (a first stage's gradient sync and optimizer step) may still
+be busy when the next step begins; the step time is the steady spacing of the driver's announcements."""
+WARM_STEPS = 2
+"""Replayed steps left out of that spacing: the first, which starts with every device idle, and one more
+for a lag carried from step to step to show."""
+DRIVER = "driver"
+"""The driver's resource in the step graph (it runs on the device the job was submitted to)."""
+CONTROL_BYTES = 8.0
+"""A control value or a loss: one 8-byte number."""
+
+
 def _replicated(spec: JobSpec, description: ModelDescription, costs: ModelCosts, plan: JobPlan,
                 speed: Mapping[str, float], links: LinkMap | None, offers: Mapping[str, DeviceOffer]) -> _Timing:
     """Data-parallel, pipeline and pipeline × data plans (a single device is one replica of one stage),
-    replayed as a `StepGraph`: each worker takes in its micro-batches, runs its schedule, joins the loss
-    agreement and the gradient all-reduces, and steps its optimizer, every part at its own pace."""
-    timing = _Timing()
-    replicas: dict[int, list[WorkerAssignment]] = {}
-    for worker in plan.workers:
-        replicas.setdefault(worker.dp_index, []).append(worker)
-    chains = [sorted(chain, key=lambda w: w.stage) for _, chain in sorted(replicas.items())]
-    shares = _split(spec.micro_batches, len(chains))
-    micro = _micro(spec)
-    boundary = costs.boundary_bytes_per_sample * micro
-    graph = StepGraph()
-    for replica, (chain, share) in enumerate(zip(chains, shares, strict=True)):
-        stages = len(chain)
-        schedule = build_schedule(spec.schedule, stages, share) if share else [[] for _ in chain]
-        for position, worker in enumerate(chain):
-            device_id, offer = worker.device_id, offers[worker.device_id]
-            first, last = position == 0, position == stages - 1
-            load = (worker.end_block - worker.start_block + (costs.embedding_blocks if first else 0.0)
-                    + (costs.head_blocks if last else 0.0))
-            compute = micro * speed[device_id] * load
-            # Per micro-batch, a forward receives an activation (not on the first stage) and sends one (not
-            # on the last); a backward receives a gradient (not on the last) and sends one (not on the first).
-            message = messaging(offer).ends((not first) + (not last), boundary)
-            intake = _intake_seconds(spec, offer, share)
-            graph.add(("intake", device_id), device_id, intake)
-            busy = intake
-            for action in schedule[position]:
-                forward = action.kind is ActionKind.FORWARD
-                seconds = compute * (FORWARD_SHARE if forward else 1 - FORWARD_SHARE) + message
-                busy += seconds
-                after: list[tuple[Hashable, float]] = []
-                if forward and not first:
-                    source = ("F", replica, position - 1, action.micro_batch)
-                    after.append(_transfer(graph, links, source, chain[position - 1].device_id, device_id, boundary))
-                if not forward and not last:
-                    source = ("B", replica, position + 1, action.micro_batch)
-                    after.append(_transfer(graph, links, source, chain[position + 1].device_id, device_id, boundary))
-                graph.add((action.kind.value, replica, position, action.micro_batch), device_id, seconds, after=after)
-            sent = share * boundary * ((not last) + (not first))
-            # A replica keeps only its own share of the micro-batches in flight; a data-parallel worker runs each
-            # micro-batch's backward right after its forward, whatever the pipeline schedule.
-            keep = (1 if plan.parallelism != "pipeline" else share if spec.schedule == "gpipe"
-                    else min(share, in_flight(spec, position, stages)))
-            memory = stage_memory(spec, costs, blocks=worker.end_block - worker.start_block, first=first, last=last,
-                                  in_flight=keep)
-            timing.add(device_id, memory=memory, busy=busy, sent=sent, received=sent)
-    members = [offers[w.device_id] for w in plan.workers]
-    # The replicas' last stages all-gather their losses; each chain's last stage tells the chain.
-    ends = [chain[-1].device_id for chain in chains]
-    if len(ends) > 1:
-        graph.add("loss", ends, (len(ends) - 1) * _hop(links, [offers[d] for d in ends]))
-    for replica, chain in enumerate(chains):
-        if len(chain) > 1:
-            ids = [w.device_id for w in chain]
-            graph.add(("verdict", replica), ids, _hop(links, [offers[d] for d in ids]))
-            if _tied(description):
-                # A tied weight's gradients are summed between the first and the last stage.
-                pair = [offers[chain[0].device_id], offers[chain[-1].device_id]]
-                tied = ring_seconds(costs.last_parameters * costs.number_bytes, pair, _slowest_link(links, pair))
-                graph.add(("tied", replica), [d.device_id for d in pair], tied)
-    sync = 0.0
-    if len(chains) > 1:
-        for stage in range(max(len(c) for c in chains)):
-            group = [c[stage] for c in chains if stage < len(c)]
-            params = _stage_parameters(costs, group[0], stage, len(chains[0])) if len(chains[0]) > 1 \
-                else description.parameter_count
-            seconds, volume = _gradient_sync(spec, params, costs.number_bytes, [offers[w.device_id] for w in group],
-                                             links)
-            graph.add(("sync", stage), [w.device_id for w in group], seconds)
-            sync = max(sync, seconds)
-            for worker in group:
-                timing.sent[worker.device_id] += volume
-                timing.received[worker.device_id] += volume
-        kind = "pipeline replicas" if len(chains[0]) > 1 else "data-parallel replicas"
-        timing.notes.append(f"{len(chains)} {kind}; gradient all-reduce {sync:.3f} s per step "
-                            f"(every {spec.sync_every} step(s))")
-    slowest = 0.0
-    for worker in plan.workers:
-        seconds = _optimizer_seconds(description, costs, plan, worker, offers)
-        graph.add(("optimizer", worker.device_id), worker.device_id, seconds)
-        timing.busy[worker.device_id] += seconds
-        slowest = max(slowest, seconds)
-    replay = graph.replay()
-    # The driver hears the loss, then sends the next step's control and micro-batches: two hops.
-    round_trip = 2 * _hop(links, members)
-    timing.step = replay.makespan + round_trip
+    replayed as a `StepGraph` over `REPLAYED_STEPS` steps: each worker takes in the driver's control and
+    its micro-batches, runs its schedule, joins the loss agreement and the gradient all-reduces, and steps
+    its optimizer, every part at its own pace; replica 0's last stage then sends the loss to the driver,
+    which announces the next step."""
+    steps = _ReplicatedSteps(spec, description, costs, plan, speed, links, offers)
+    for step in range(REPLAYED_STEPS):
+        steps.add(step)
+    timing = steps.timing
+    replay = steps.graph.replay(end=(REPLAYED_STEPS - 1, DRIVER))
+    announced_at = [replay.finish[(step, DRIVER)] for step in range(WARM_STEPS - 1, REPLAYED_STEPS)]
+    timing.step = (announced_at[-1] - announced_at[0]) / (len(announced_at) - 1)
     timing.bottleneck = replay.bottleneck
-    if slowest > 0:
-        timing.notes.append(f"optimizer step {slowest:.3f} s")
-    timing.notes.append(f"driver round trip {round_trip:.3f} s per step")
+    if len(steps.chains) > 1:
+        kind = "pipeline replicas" if len(steps.chains[0]) > 1 else "data-parallel replicas"
+        timing.notes.append(f"{len(steps.chains)} {kind}; gradient all-reduce {steps.sync:.3f} s per step "
+                            f"(every {spec.sync_every} step(s))")
+    if steps.slowest_optimizer > 0:
+        timing.notes.append(f"optimizer step {steps.slowest_optimizer:.3f} s")
+    timing.notes.append(f"driver round trip {steps.report + steps.driver:.3f} s per step")
     return timing
 
 
-def _transfer(graph: StepGraph, links: LinkMap | None, producer: tuple[str, int, int, int], source: str,
+class _ReplicatedSteps:
+    """`_replicated`'s step graph, built one step at a time in the order each worker's code runs.
+
+    The first step also fills in `timing`'s memory, busy seconds and bytes: every step is alike.
+    """
+
+    def __init__(self, spec: JobSpec, description: ModelDescription, costs: ModelCosts, plan: JobPlan,
+                 speed: Mapping[str, float], links: LinkMap | None, offers: Mapping[str, DeviceOffer]) -> None:
+        self.spec, self.description, self.costs, self.plan = spec, description, costs, plan
+        self.speed, self.links, self.offers = speed, links, offers
+        replicas: dict[int, list[WorkerAssignment]] = {}
+        for worker in plan.workers:
+            replicas.setdefault(worker.dp_index, []).append(worker)
+        self.chains = [sorted(chain, key=lambda w: w.stage) for _, chain in sorted(replicas.items())]
+        self.shares = _split(spec.micro_batches, len(self.chains))
+        self.schedules: list[list[list[Action]]] = [
+            build_schedule(spec.schedule, len(chain), share) if share else [[] for _ in chain]
+            for chain, share in zip(self.chains, self.shares, strict=True)]
+        self.boundary = costs.boundary_bytes_per_sample * _micro(spec)
+        self.ends = [chain[-1].device_id for chain in self.chains]
+        self.reporter = self.ends[0]  # the worker that sends the loss (`cetd.runtime.job_protocol.loss_rank`)
+        self.report = messaging(offers[self.reporter]).ends(1, CONTROL_BYTES)
+        self.driver = _driver_seconds(links, [offers[w.device_id] for w in plan.workers])
+        self.graph = StepGraph()
+        self.timing = _Timing()
+        self.sync = 0.0
+        self.slowest_optimizer = 0.0
+
+    def add(self, step: int) -> None:
+        """One step: schedules, loss agreement, gradient syncs, optimizer steps, the loss to the driver."""
+        first_step = step == 0
+        # Every worker waits for the driver's control, which follows the loss of the step before.
+        announced = [((step - 1, DRIVER), 0.0)] if step else []
+        for replica in range(len(self.chains)):
+            for position in range(len(self.chains[replica])):
+                self._add_schedule(step, replica, position, announced)
+        # The replicas' last stages all-gather their losses; each chain's last stage tells the chain.
+        if len(self.ends) > 1:
+            self.graph.add((step, "loss"), self.ends,
+                           (len(self.ends) - 1) * _hop(self.links, [self.offers[d] for d in self.ends]))
+        for replica, chain in enumerate(self.chains):
+            if len(chain) > 1:
+                self._add_verdict(step, replica)
+                if _tied(self.description):
+                    # A tied weight's gradients are summed between the first and the last stage.
+                    pair = [self.offers[chain[0].device_id], self.offers[chain[-1].device_id]]
+                    tied = ring_seconds(self.costs.last_parameters * self.costs.number_bytes, pair,
+                                        _slowest_link(self.links, pair))
+                    self.graph.add((step, "tied", replica), [d.device_id for d in pair], tied)
+        if len(self.chains) > 1:
+            for stage in range(max(len(c) for c in self.chains)):
+                self._add_gradient_sync(step, stage)
+        for worker in self.plan.workers:
+            seconds = _optimizer_seconds(self.description, self.costs, self.plan, worker, self.offers)
+            self._add_work((step, "optimizer", worker.device_id), worker.device_id, seconds, first_step)
+            self.slowest_optimizer = max(self.slowest_optimizer, seconds)
+        reported = self._add_work((step, "report"), self.reporter, self.report, first_step)
+        self.graph.add((step, DRIVER), DRIVER, self.driver, after=[(reported, 0.0)])
+
+    def _add_work(self, name: Hashable, device_id: str, seconds: float, count: bool,
+                  after: Sequence[tuple[Hashable, float]] = ()) -> Hashable:
+        """A task of one device's CPU; ``count``: add it to the device's busy seconds."""
+        if count:
+            self.timing.busy[device_id] += seconds
+        return self.graph.add(name, device_id, seconds, after=after)
+
+    def _add_schedule(self, step: int, replica: int, position: int,
+                      announced: Sequence[tuple[Hashable, float]]) -> None:
+        """One worker's intake and its schedule's forwards and backwards."""
+        spec, costs, chain, share = self.spec, self.costs, self.chains[replica], self.shares[replica]
+        worker = chain[position]
+        device_id, offer = worker.device_id, self.offers[worker.device_id]
+        stages = len(chain)
+        first, last = position == 0, position == stages - 1
+        if step == 0:
+            sent = share * self.boundary * ((not last) + (not first))
+            # A replica keeps only its own share of the micro-batches in flight; a data-parallel worker runs
+            # each micro-batch's backward right after its forward, whatever the pipeline schedule.
+            keep = (1 if self.plan.parallelism != "pipeline" else share if spec.schedule == "gpipe"
+                    else min(share, in_flight(spec, position, stages)))
+            memory = stage_memory(spec, costs, blocks=worker.end_block - worker.start_block, first=first, last=last,
+                                  in_flight=keep)
+            self.timing.add(device_id, memory=memory, busy=0.0, sent=sent, received=sent)
+        load = (worker.end_block - worker.start_block + (costs.embedding_blocks if first else 0.0)
+                + (costs.head_blocks if last else 0.0))
+        compute = _micro(spec) * self.speed[device_id] * load
+        # Per micro-batch, a forward receives an activation (not on the first stage) and sends one (not on
+        # the last); a backward receives a gradient (not on the last) and sends one (not on the first).
+        message = messaging(offer).ends((not first) + (not last), self.boundary)
+        intake = _intake_seconds(spec, offer, share) + messaging(offer).ends(1, CONTROL_BYTES)
+        self._add_work((step, "intake", device_id), device_id, intake, step == 0, after=announced)
+        for action in self.schedules[replica][position]:
+            forward = action.kind is ActionKind.FORWARD
+            after: list[tuple[Hashable, float]] = []
+            if forward and not first:
+                source = (step, "F", replica, position - 1, action.micro_batch)
+                after.append(_transfer(self.graph, self.links, source, chain[position - 1].device_id, device_id,
+                                       self.boundary))
+            if not forward and not last:
+                source = (step, "B", replica, position + 1, action.micro_batch)
+                after.append(_transfer(self.graph, self.links, source, chain[position + 1].device_id, device_id,
+                                       self.boundary))
+            seconds = compute * (FORWARD_SHARE if forward else 1 - FORWARD_SHARE) + message
+            self._add_work((step, action.kind.value, replica, position, action.micro_batch), device_id, seconds,
+                           step == 0, after=after)
+
+    def _add_verdict(self, step: int, replica: int) -> None:
+        """The chain's last stage sends the step's loss to its other stages
+        (`cetd.runtime.pipeline.PipelineStageRunner`): it goes on without waiting for them, and each hears
+        it once it was sent and the stage is free."""
+        chain = self.chains[replica]
+        root = chain[-1].device_id
+        told = self._add_work((step, "verdict", replica), root,
+                              messaging(self.offers[root]).ends(len(chain) - 1, CONTROL_BYTES), step == 0)
+        for worker in chain[:-1]:
+            device_id = worker.device_id
+            self._add_work((step, "heard", replica, device_id), device_id,
+                           messaging(self.offers[device_id]).ends(1, CONTROL_BYTES), step == 0,
+                           after=[(told, link_between(self.links, root, device_id).latency_seconds)])
+
+    def _add_gradient_sync(self, step: int, stage: int) -> None:
+        """The stage's gradient all-reduce across the replicas that have it."""
+        group = [c[stage] for c in self.chains if stage < len(c)]
+        parameters = (_stage_parameters(self.costs, group[0], stage, len(self.chains[0])) if len(self.chains[0]) > 1
+                      else self.description.parameter_count)
+        seconds, volume = _gradient_sync(self.spec, parameters, self.costs.number_bytes,
+                                         [self.offers[w.device_id] for w in group], self.links)
+        self.graph.add((step, "sync", stage), [w.device_id for w in group], seconds)
+        self.sync = max(self.sync, seconds)
+        if step == 0:
+            for worker in group:
+                self.timing.sent[worker.device_id] += volume
+                self.timing.received[worker.device_id] += volume
+
+
+def _driver_seconds(links: LinkMap | None, members: Sequence[DeviceOffer]) -> float:
+    """The driver's part of its round trip: the loss crosses to it and the next step's control crosses
+    back (the slowest link's latency each way), and it receives one and sends the other. It runs on the
+    device the job was submitted to, which the plan does not name: its two ends are priced as the member
+    whose messages cost least."""
+    link = _slowest_link(links, members)
+    cheapest = min((messaging(m) for m in members), key=lambda m: m.hops(1, CONTROL_BYTES), default=Messaging())
+    return (2 * (link.latency_seconds + CONTROL_BYTES / link.bandwidth_bytes_per_second)
+            + cheapest.hops(1, CONTROL_BYTES))
+
+
+def _transfer(graph: StepGraph, links: LinkMap | None, producer: tuple[int, str, int, int, int], source: str,
               target: str, nbytes: float) -> tuple[Hashable, float]:
     """``producer``'s output sent from ``source`` to ``target`` over their link, one direction of which
     carries one tensor at a time (a half-duplex link, both directions: each takes twice as long).

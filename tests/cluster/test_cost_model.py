@@ -301,11 +301,61 @@ def test_work_that_overlaps_in_the_step_is_not_added_up() -> None:
     buckets = math.ceil(GPT2_SMALL.parameter_count * 4 / (4 * 2**20))
     all_reduce = buckets * 2 * hop  # each ring step: one send and one receive on the costlier member
     # D1's intake runs while D2 computes: the step is D2's compute, the loss all-gather, the gradient
-    # all-reduce and the driver's round trip, not the slowest intake plus the slowest compute.
+    # all-reduce and the driver's round trip, not the slowest intake plus the slowest compute. In the round
+    # trip, D1 (replica 0) sends the loss, half a hop at its price; the driver's ends cost what D2's do, and
+    # D1 hears the next step's control while D2 computes.
     assert fast + intake < slow
-    assert prediction.step_seconds == pytest.approx(slow + hop + all_reduce + 2 * hop)
-    assert prediction.busy_seconds == pytest.approx({"D1": intake + fast, "D2": slow + 12 * 1e-9 / 2})
+    assert prediction.step_seconds == pytest.approx(slow + hop + all_reduce + hop / 2, abs=1e-6)
+    control = 0.05 / 2  # D1's end of the next step's control
+    assert prediction.busy_seconds == pytest.approx({"D1": intake + control + fast + hop / 2,
+                                                     "D2": slow + 13 * 1e-9 / 2})
     assert prediction.bottleneck == "network"  # 119 buckets × 2 ring steps × 50 ms: 11.9 s of all-reduce
+
+
+@pytest.mark.timeout(10)
+def test_the_next_step_starts_while_a_worker_off_the_losss_path_still_steps_its_optimizer() -> None:
+    # Two data-parallel replicas over Wi-Fi. D1 (replica 0) reports the loss; D2's AdamW step takes 0.3 s,
+    # D1's none. The driver starts the next step once D1's loss reaches it, and D1 takes in and computes
+    # that step while D2 still steps: the driver's round trip is hidden behind D2's optimizer step.
+    wifi = Link(bandwidth_bytes_per_second=0.12e9, latency_seconds=0.002)
+    costs = replace(model_costs(SPEC, GPT2_SMALL), embedding_blocks=0.0, head_blocks=0.0)
+    offers = _offers(0.01, 0.01)
+    offers[1] = replace(offers[1], optimizer_seconds_per_parameter=0.3 / GPT2_SMALL.parameter_count)
+    workers = tuple(WorkerAssignment(rank=i + 1, device_id=o.device_id, dp_index=i, end_block=12)
+                    for i, o in enumerate(offers))
+    plan = JobPlan(parallelism="data", workers=workers, micro_batches=8)
+    prediction = predict(SPEC, GPT2_SMALL, plan, offers, links={("D1", "D2"): wifi}, costs=costs)
+    size = GPT2_SMALL.parameter_count * 4
+    buckets = math.ceil(size / (4 * 2**20))
+    all_reduce = buckets * 2 * (size / buckets / 2 / 0.12e9 + 0.002)
+    hop = 0.002 + 64 / 0.12e9
+    compute = 4 * 4 * 12 * 0.01
+    round_trip = 2 * (0.002 + 8 / 0.12e9)
+    assert round_trip < 0.3
+    assert prediction.step_seconds == pytest.approx(compute + hop + all_reduce + 0.3)
+    # Had D1 also stepped for 0.3 s, the round trip would follow both optimizer steps.
+    both = [replace(o, optimizer_seconds_per_parameter=0.3 / GPT2_SMALL.parameter_count) for o in offers]
+    assert predict(SPEC, GPT2_SMALL, plan, both, links={("D1", "D2"): wifi}, costs=costs).step_seconds == (
+        pytest.approx(compute + hop + all_reduce + 0.3 + round_trip))
+
+
+@pytest.mark.timeout(10)
+def test_the_last_stage_tells_the_loss_without_waiting_for_the_first_to_listen() -> None:
+    # Two stages, untied. The last stage (D2, a tenth of D1's speed) sends the loss to D1 and goes on to its
+    # 0.1 s AdamW step while D1 runs its last backward: the two overlap, and the next step starts after both.
+    untied = replace(GPT2_SMALL, config={"vocab_size": 50257, "tie_word_embeddings": False})
+    costs = replace(model_costs(SPEC, untied), embedding_blocks=0.0, head_blocks=0.0)
+    offers = _offers(0.001, 0.01)
+    last_stage = 6 * costs.block_parameters + costs.last_parameters
+    offers[1] = replace(offers[1], optimizer_seconds_per_parameter=0.1 / last_stage)
+    plan = pipeline_plan(SPEC, offers, [(0, 6), (6, 12)])
+    prediction = predict(SPEC, untied, plan, offers, links=_fast_links(offers), costs=costs)
+    first, second = 4 * 0.001 * 6, 4 * 0.01 * 6
+    # Each step: D1's first forward (a third of its time), D2's eight forwards and backwards back to back,
+    # then D2's optimizer step; D1's last backward (the other two thirds) runs meanwhile.
+    assert 2 / 3 * first < 0.1
+    assert prediction.step_seconds == pytest.approx(first / 3 + 8 * second + 0.1)
+    assert prediction.bottleneck == "D2"
 
 
 @pytest.mark.timeout(10)
