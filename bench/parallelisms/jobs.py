@@ -243,16 +243,16 @@ def _forecast(testbed: Testbed, job: tuple[str, ...], settings: JobSettings) -> 
 
 def _keep_forecast(outcome: JobOutcome, testbed: Testbed, prediction: dict[str, Any]) -> None:
     """Per host, the busy seconds and block time ``prediction`` used, and its bottleneck, by host."""
-    hosts = len(testbed.household.daemons)
-    busy: list[float | None] = [None] * hosts
-    block: list[float | None] = [None] * hosts
-    for device_id, seconds in (prediction.get("busy_seconds") or {}).items():
-        if device_id in testbed.host_of_device:
-            busy[testbed.host_of_device[device_id]] = round(float(seconds), 4)
-    for device_id, seconds in (prediction.get("block_seconds") or {}).items():
-        if device_id in testbed.host_of_device:
-            block[testbed.host_of_device[device_id]] = round(float(seconds) * 1e3, 4)
-    outcome.forecast_busy_seconds, outcome.forecast_block_ms = busy, block
+    def per_host(by_device: dict[str, Any] | None, scale: float) -> list[float | None]:
+        values: list[float | None] = [None] * len(testbed.household.daemons)
+        for device_id, value in (by_device or {}).items():
+            if device_id in testbed.host_of_device:
+                values[testbed.host_of_device[device_id]] = round(float(value) * scale, 4)
+        return values
+
+    outcome.forecast_busy_seconds = per_host(prediction.get("busy_seconds"), 1.0)
+    outcome.forecast_block_ms = per_host(prediction.get("block_seconds"), 1e3)
+
     def by_host(text: str) -> str:
         for device_id, host in testbed.host_of_device.items():
             text = text.replace(device_id, f"host {host}")
