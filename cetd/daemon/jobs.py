@@ -26,7 +26,7 @@ from typing import Any
 from cetd.cluster.membership import PeerState
 from cetd.cluster.planner import DeviceOffer, plan_job, what_if
 from cetd.cluster.power import EnergyModel
-from cetd.errors import CetdError, JobError, NotAuthorizedError, UnavailableError
+from cetd.errors import CetdError, JobError, NotAuthorizedError, StaleTermError, UnavailableError
 from cetd.identity import StateDir, short_id, tls_server_name
 from cetd.ids import DeviceId
 from cetd.runtime.spec import JobPlan, JobSpec, ModelDescription, WorkerAssignment, from_json, to_json
@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 DESCRIBE_TIMEOUT = timedelta(minutes=10)
 ECHO_ASK_TIMEOUT = timedelta(minutes=4)
 """Longest a device waits for another to start an echo of its transport profile (a fresh process imports torch)."""
+LAUNCH_TERMS = 3
+"""Coordinators a job's launch is asked of, one after another, when the household elects a new one meanwhile."""
 
 
 class JobManager:
@@ -225,11 +227,37 @@ class JobManager:
 
     async def launch_via_coordinator(self, job_id: str, spec_json: str, description: str,
                                      exclude: set[str], resume: bool) -> LaunchResult:
-        coordinator = await self._wait_for_coordinator()
+        """Have the coordinator plan and start the job; when the household elects another coordinator while
+        it does (a device refuses the old one's stale term), ask the new one, up to `LAUNCH_TERMS` times.
+
+        Raises:
+            UnavailableError: no coordinator, or the coordinator kept changing.
+            JobError: no plan fits.
+        """
         excluded = tuple(sorted(exclude))
-        if coordinator == self.me:
-            return await self.launch(job_id, spec_json, description, excluded, resume, self.me)
-        return await self._client(coordinator).launch(job_id, spec_json, description, excluded, resume)
+        for attempt in range(1, LAUNCH_TERMS + 1):
+            coordinator = await self._wait_for_coordinator()
+            term = self._node.election.term
+            try:
+                if coordinator == self.me:
+                    return await self.launch(job_id, spec_json, description, excluded, resume, self.me)
+                return await self._client(coordinator).launch(job_id, spec_json, description, excluded, resume)
+            except StaleTermError as error:
+                if attempt == LAUNCH_TERMS:
+                    raise UnavailableError(f"the household changed coordinator {attempt} times while the job "
+                                           f"started; last: {error}") from error
+                logger.warning("job %s: %s; starting it again through the new coordinator", job_id, error)
+                await self._wait_for_term_after(term)
+        raise AssertionError("unreachable")
+
+    async def _wait_for_term_after(self, term: int, timeout: timedelta = timedelta(seconds=15)) -> None:
+        """Until this device follows a coordinator elected after ``term`` (its heartbeats bring the claim),
+        or ``timeout``: the next ask then goes to whoever it follows."""
+        deadline = time.monotonic() + timeout.total_seconds()
+        while time.monotonic() < deadline:
+            if self._node.election.term > term:
+                return
+            await asyncio.sleep(0.2)
 
     async def _wait_for_coordinator(self, timeout: timedelta = timedelta(seconds=15)) -> DeviceId:
         deadline = time.monotonic() + timeout.total_seconds()
@@ -317,6 +345,10 @@ class JobManager:
                 self._jobs[job_id].update(plan_json=plan_json, term=term, state=JobState.RUNNING)
                 return LaunchResult(plan_json=plan_json, endpoints=tuple(endpoints), term=term)
             await self.stop_workers(plan, job_id)
+            newer = next(((d, e) for d, e in failed.items() if isinstance(e, StaleTermError)), None)
+            if newer is not None:
+                # Not a lost device: the household elected another coordinator since this launch began.
+                raise StaleTermError(f"device {newer[0]} follows a newer coordinator ({newer[1]})")
             if not resume or attempt == 2:
                 device, error = next(iter(failed.items()))
                 raise UnavailableError(f"device {device} could not start its worker: {error}")
