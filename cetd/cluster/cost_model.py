@@ -389,7 +389,6 @@ class _ReplicatedSteps:
 
     def add(self, step: int) -> None:
         """One step: schedules, loss agreement, gradient syncs, optimizer steps, the loss to the driver."""
-        first_step = step == 0
         # Every worker waits for the driver's control, which follows the loss of the step before.
         announced = [((step - 1, DRIVER), 0.0)] if step else []
         for replica in range(len(self.chains)):
@@ -413,9 +412,9 @@ class _ReplicatedSteps:
                 self._add_gradient_sync(step, stage)
         for worker in self.plan.workers:
             seconds = _optimizer_seconds(self.description, self.costs, self.plan, worker, self.offers)
-            self._add_work((step, "optimizer", worker.device_id), worker.device_id, seconds, first_step)
+            self._add_work((step, "optimizer", worker.device_id), worker.device_id, seconds, step == 0)
             self.slowest_optimizer = max(self.slowest_optimizer, seconds)
-        reported = self._add_work((step, "report"), self.reporter, self.report, first_step)
+        reported = self._add_work((step, "report"), self.reporter, self.report, step == 0)
         self.graph.add((step, DRIVER), DRIVER, self.driver, after=[(reported, 0.0)])
 
     def _add_work(self, name: Hashable, device_id: str, seconds: float, count: bool,
