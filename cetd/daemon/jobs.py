@@ -235,8 +235,9 @@ class JobManager:
             JobError: no plan fits.
         """
         excluded = tuple(sorted(exclude))
+        term = None
         for attempt in range(1, LAUNCH_TERMS + 1):
-            coordinator = await self._wait_for_coordinator()
+            coordinator = await self._wait_for_coordinator(newer_than=term)
             term = self._node.election.term
             try:
                 if coordinator == self.me:
@@ -247,26 +248,20 @@ class JobManager:
                     raise UnavailableError(f"the household changed coordinator {attempt} times while the job "
                                            f"started; last: {error}") from error
                 logger.warning("job %s: %s; starting it again through the new coordinator", job_id, error)
-                await self._wait_for_term_after(term)
         raise AssertionError("unreachable")
 
-    async def _wait_for_term_after(self, term: int, timeout: timedelta = timedelta(seconds=15)) -> None:
-        """Until this device follows a coordinator elected after ``term`` (its heartbeats bring the claim),
-        or ``timeout``: the next ask then goes to whoever it follows."""
+    async def _wait_for_coordinator(self, newer_than: int | None = None,
+                                    timeout: timedelta = timedelta(seconds=15)) -> DeviceId:
+        """The coordinator this device follows, once it follows one (elected after term ``newer_than``, when
+        given: its heartbeats bring the claim). After ``timeout``, whoever it follows, else UnavailableError."""
         deadline = time.monotonic() + timeout.total_seconds()
-        while time.monotonic() < deadline:
-            if self._node.election.term > term:
-                return
-            await asyncio.sleep(0.2)
-
-    async def _wait_for_coordinator(self, timeout: timedelta = timedelta(seconds=15)) -> DeviceId:
-        deadline = time.monotonic() + timeout.total_seconds()
-        while time.monotonic() < deadline:
-            coordinator = self._node.election.coordinator_id
-            if coordinator is not None:
+        while True:
+            coordinator, late = self._node.election.coordinator_id, time.monotonic() >= deadline
+            if coordinator is not None and (late or newer_than is None or self._node.election.term > newer_than):
                 return coordinator
+            if late:
+                raise UnavailableError("the household has no coordinator right now")
             await asyncio.sleep(0.2)
-        raise UnavailableError("the household has no coordinator right now")
 
     async def connect(self, device_id: str, term: int, coordinator: str, job_id: str,
                        endpoints: tuple[WorkerEndpoint, ...]) -> None:
@@ -417,8 +412,7 @@ class JobManager:
                 later = later or isinstance(error, UnavailableError)
                 continue
             return EchoFound((echo, tls_server_name(DeviceId(device_id))))
-        if not later:
-            logger.info("no other device echoes the transport profile; timing it against an echo on this device")
+        logger.info("no other device echoes the transport profile %s", "now" if later else "(timing it here)")
         return EchoFound(None, later=later)
 
     async def plan(self, spec_json: str, description_json: str, remove: tuple[str, ...], add_json: str,

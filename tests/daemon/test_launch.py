@@ -8,6 +8,7 @@ FAILED_PRECONDITION) is tested in `tests/cluster/test_election.py` and the trans
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -59,8 +60,7 @@ def _manager(household: _Household) -> Any:
             return household.term
 
     manager = SimpleNamespace(me="Z", _client=household.client, _node=SimpleNamespace(election=_Election()))
-    manager._wait_for_coordinator = lambda: JobManager._wait_for_coordinator(manager)  # type: ignore[arg-type]
-    manager._wait_for_term_after = lambda term: JobManager._wait_for_term_after(manager, term)  # type: ignore[arg-type]
+    manager._wait_for_coordinator = functools.partial(JobManager._wait_for_coordinator, manager)
     return manager
 
 
