@@ -14,8 +14,9 @@ The model, per parallelism (b samples per micro-batch, M micro-batches, S stages
   loss broadcast (which the last stage sends without waiting for the others to listen), the tied-weight
   sum between first and last stage, its stage's gradient all-reduce across replicas (every ``sync_every``
   steps), and steps its optimizer. Replica 0's last stage then sends the loss to the driver, which
-  announces the next step: a few steps are replayed back to back, and the step time is the steady spacing
-  of those announcements. So work that overlaps in the real run (one worker's intake while another
+  announces the next step and sends the micro-batches (a message per worker and per field, on the CPU of
+  the device the job was submitted to, beside its worker where the plan uses it): a few steps are replayed
+  back to back, and the step time is the steady spacing of those announcements. So work that overlaps in the real run (one worker's intake while another
   computes, the last stage's all-reduce while the first still runs backwards, a first stage's optimizer
   step while the driver already announces the next step) is not added up; for balanced stages and free
   links this is the familiar (M + S − 1) × stage time. A stage's time is
@@ -155,8 +156,11 @@ class Prediction:
 
 def predict(spec: JobSpec, description: ModelDescription, plan: JobPlan, offers: Sequence[DeviceOffer], *,
             links: LinkMap | None = None, profiles: Mapping[str, PowerProfile] | None = None,
-            costs: ModelCosts | None = None) -> Prediction:
+            costs: ModelCosts | None = None, driver: str | None = None) -> Prediction:
     """Forecast ``plan``'s step time, memory and energy on ``offers``.
+
+    ``driver``: the device the job is submitted to, which runs its driver (`_DriverCosts`); None or a device
+    not offered: the driver is priced as the plan's device whose messages cost least, on a CPU of its own.
 
     Raises:
         JobError: the plan names a device that is not offered.
@@ -168,12 +172,13 @@ def predict(spec: JobSpec, description: ModelDescription, plan: JobPlan, offers:
     costs = costs or measured_costs(spec, description, offers)
     speed = {d: block_seconds_per_sample(spec, description, o) for d, o in by_id.items()}
     timing: _Timing
+    driving = _DriverCosts(spec, plan, links, by_id, driver)
     if plan.parallelism == "tensor":
         timing = _tensor(spec, description, costs, plan, speed, links, by_id)
         _add_optimizer_steps(timing, description, costs, plan, by_id)
-        _add_step_overhead(timing, spec, plan, links, by_id)
+        _add_step_overhead(timing, spec, plan, by_id, driving)
     else:
-        timing = _replicated(spec, description, costs, plan, speed, links, by_id)
+        timing = _replicated(spec, description, costs, plan, speed, links, by_id, driving)
     joules: dict[str, float] = {}
     for device_id in timing.memory:
         offer, profile = by_id[device_id], power_profile(by_id[device_id], profiles)
@@ -329,19 +334,23 @@ WARM_STEPS = 2
 """Replayed steps left out of that spacing: the first, which starts with every device idle, and one more
 for a lag carried from step to step to show."""
 DRIVER = "driver"
-"""The driver's resource in the step graph (it runs on the device the job was submitted to)."""
+"""The driver's resource in the step graph when it runs on no device of the plan (a device left out, or
+one the forecast was not told); on a device of the plan it shares that device's CPU with its worker."""
 CONTROL_BYTES = 8.0
 """A control value or a loss: one 8-byte number."""
+BATCH_FIELDS = 3
+"""Fields of a micro-batch shipped to a worker (input IDs, attention mask, labels), each its own message."""
 
 
 def _replicated(spec: JobSpec, description: ModelDescription, costs: ModelCosts, plan: JobPlan,
-                speed: Mapping[str, float], links: LinkMap | None, offers: Mapping[str, DeviceOffer]) -> _Timing:
+                speed: Mapping[str, float], links: LinkMap | None, offers: Mapping[str, DeviceOffer],
+                driving: _DriverCosts) -> _Timing:
     """Data-parallel, pipeline and pipeline × data plans (a single device is one replica of one stage),
     replayed as a `StepGraph` over `REPLAYED_STEPS` steps: each worker takes in the driver's control and
     its micro-batches, runs its schedule, joins the loss agreement and the gradient all-reduces, and steps
     its optimizer, every part at its own pace; replica 0's last stage then sends the loss to the driver,
     which announces the next step."""
-    steps = _ReplicatedSteps(spec, description, costs, plan, speed, links, offers)
+    steps = _ReplicatedSteps(spec, description, costs, plan, speed, links, offers, driving)
     for step in range(REPLAYED_STEPS):
         steps.add(step)
     timing = steps.timing
@@ -355,7 +364,7 @@ def _replicated(spec: JobSpec, description: ModelDescription, costs: ModelCosts,
                             f"(every {spec.sync_every} step(s))")
     if steps.slowest_optimizer > 0:
         timing.notes.append(f"optimizer step {steps.slowest_optimizer:.3f} s")
-    timing.notes.append(f"driver round trip {steps.report + steps.driver:.3f} s per step")
+    timing.notes.append(driving.note())
     return timing
 
 
@@ -366,8 +375,9 @@ class _ReplicatedSteps:
     """
 
     def __init__(self, spec: JobSpec, description: ModelDescription, costs: ModelCosts, plan: JobPlan,
-                 speed: Mapping[str, float], links: LinkMap | None, offers: Mapping[str, DeviceOffer]) -> None:
-        self.spec, self.description, self.costs, self.plan = spec, description, costs, plan
+                 speed: Mapping[str, float], links: LinkMap | None, offers: Mapping[str, DeviceOffer],
+                 driving: _DriverCosts) -> None:
+        self.spec, self.description, self.costs, self.plan, self.driving = spec, description, costs, plan, driving
         self.speed, self.links, self.offers = speed, links, offers
         replicas: dict[int, list[WorkerAssignment]] = {}
         for worker in plan.workers:
@@ -381,7 +391,6 @@ class _ReplicatedSteps:
         self.ends = [chain[-1].device_id for chain in self.chains]
         self.reporter = self.ends[0]  # the worker that sends the loss (`cetd.runtime.job_protocol.loss_rank`)
         self.report = messaging(offers[self.reporter]).ends(1, CONTROL_BYTES)
-        self.driver = _driver_seconds(links, [offers[w.device_id] for w in plan.workers])
         self.graph = StepGraph()
         self.timing = _Timing()
         self.sync = 0.0
@@ -390,10 +399,9 @@ class _ReplicatedSteps:
     def add(self, step: int) -> None:
         """One step: schedules, loss agreement, gradient syncs, optimizer steps, the loss to the driver."""
         # Every worker waits for the driver's control, which follows the loss of the step before.
-        announced = [((step - 1, DRIVER), 0.0)] if step else []
         for replica in range(len(self.chains)):
             for position in range(len(self.chains[replica])):
-                self._add_schedule(step, replica, position, announced)
+                self._add_schedule(step, replica, position)
         # The replicas' last stages all-gather their losses; each chain's last stage tells the chain.
         if len(self.ends) > 1:
             self.graph.add((step, "loss"), self.ends,
@@ -415,7 +423,11 @@ class _ReplicatedSteps:
             self._add_work((step, "optimizer", worker.device_id), worker.device_id, seconds, step == 0)
             self.slowest_optimizer = max(self.slowest_optimizer, seconds)
         reported = self._add_work((step, "report"), self.reporter, self.report, step == 0)
-        self.graph.add((step, DRIVER), DRIVER, self.driver, after=[(reported, 0.0)])
+        driving = self.driving
+        if driving.resource != DRIVER:
+            self.timing.busy[driving.resource] += driving.seconds if step == 0 else 0.0
+        self.graph.add((step, DRIVER), driving.resource, driving.seconds,
+                       after=[(reported, driving.latency(self.reporter))])
 
     def _add_work(self, name: Hashable, device_id: str, seconds: float, count: bool,
                   after: Sequence[tuple[Hashable, float]] = ()) -> Hashable:
@@ -424,8 +436,7 @@ class _ReplicatedSteps:
             self.timing.busy[device_id] += seconds
         return self.graph.add(name, device_id, seconds, after=after)
 
-    def _add_schedule(self, step: int, replica: int, position: int,
-                      announced: Sequence[tuple[Hashable, float]]) -> None:
+    def _add_schedule(self, step: int, replica: int, position: int) -> None:
         """One worker's intake and its schedule's forwards and backwards."""
         spec, costs, chain, share = self.spec, self.costs, self.chains[replica], self.shares[replica]
         worker = chain[position]
@@ -447,7 +458,11 @@ class _ReplicatedSteps:
         # Per micro-batch, a forward receives an activation (not on the first stage) and sends one (not on
         # the last); a backward receives a gradient (not on the last) and sends one (not on the first).
         message = messaging(offer).ends((not first) + (not last), self.boundary)
-        intake = _intake_seconds(spec, offer, share) + messaging(offer).ends(1, CONTROL_BYTES)
+        fields = _batch_fields(worker, first=first, last=last)
+        intake = _intake_seconds(spec, offer, share, fields) + messaging(offer).ends(1, CONTROL_BYTES)
+        # The driver announces the step, then sends the micro-batches: the worker waits for both.
+        announced = ([((step - 1, DRIVER), self.driving.latency(device_id, share * fields * _field_bytes(spec)))]
+                     if step else [])
         self._add_work((step, "intake", device_id), device_id, intake, step == 0, after=announced)
         for action in self.schedules[replica][position]:
             forward = action.kind is ActionKind.FORWARD
@@ -493,15 +508,66 @@ class _ReplicatedSteps:
                 self.timing.received[worker.device_id] += volume
 
 
-def _driver_seconds(links: LinkMap | None, members: Sequence[DeviceOffer]) -> float:
-    """The driver's part of its round trip: the loss crosses to it and the next step's control crosses
-    back (the slowest link's latency each way), and it receives one and sends the other. It runs on the
-    device the job was submitted to, which the plan does not name: its two ends are priced as the member
-    whose messages cost least."""
-    link = _slowest_link(links, members)
-    cheapest = min((messaging(m) for m in members), key=lambda m: m.hops(1, CONTROL_BYTES), default=Messaging())
-    return (2 * (link.latency_seconds + CONTROL_BYTES / link.bandwidth_bytes_per_second)
-            + cheapest.hops(1, CONTROL_BYTES))
+class _DriverCosts:
+    """The driver's part of every step (`cetd.runtime.driver`). Once a step's loss reaches it (one message
+    to receive), it announces the next step to every worker and sends each the fields of its micro-batches
+    that its share reads, a message per control and per field: for four data-parallel workers, 17 messages
+    a step. It runs on the device the job was submitted to, a Python process beside that device's worker
+    where the plan uses it: on the testbed that device's CPU showed 16 ms more per 0.154 s step (at 0.45 of
+    a core) than its peers', where one hop costs 1.9 ms; two small hops would be 4 ms.
+
+    When the forecast is not told the device (or it is not offered), the driver is priced as the plan's
+    device whose messages cost least, on a CPU of its own, and its links as the plan's slowest.
+    """
+
+    def __init__(self, spec: JobSpec, plan: JobPlan, links: LinkMap | None, offers: Mapping[str, DeviceOffer],
+                 driver: str | None) -> None:
+        members = [offers[w.device_id] for w in plan.workers]
+        self.device = driver if driver is not None and driver in offers else None
+        if self.device is not None:
+            cpu = messaging(offers[self.device])
+        else:
+            cpu = min((messaging(m) for m in members), key=lambda m: m.hops(1, CONTROL_BYTES), default=Messaging())
+        self.resource = self.device if self.device in {w.device_id for w in plan.workers} else DRIVER
+        self.links, self.slowest = links, _slowest_link(links, members)
+        fields = sum(share * _batch_fields(worker, first=first, last=last)
+                     for worker, share, first, last in _intakes(spec, plan))
+        self.seconds = cpu.ends(1 + len(plan.workers), CONTROL_BYTES) + cpu.ends(fields, _field_bytes(spec))
+        self.messages = 1 + len(plan.workers) + fields
+
+    def latency(self, device_id: str, nbytes: float = CONTROL_BYTES) -> float:
+        """A message of ``nbytes`` between the driver and ``device_id``: nothing on one device."""
+        if device_id == self.device:
+            return 0.0
+        link = link_between(self.links, self.device, device_id) if self.device is not None else self.slowest
+        return link.latency_seconds + nbytes / link.bandwidth_bytes_per_second
+
+    def note(self) -> str:
+        where = f"on {self.device}" if self.device is not None else "on the submitting device"
+        return f"driver {where}: {self.messages} messages, {self.seconds:.3f} s per step"
+
+
+def _intakes(spec: JobSpec, plan: JobPlan) -> list[tuple[WorkerAssignment, int, bool, bool]]:
+    """Per worker: the micro-batches it takes in each step, and whether it is its chain's first and last stage
+    (a tensor-parallel worker is both: it runs the whole model's ends)."""
+    if plan.parallelism == "tensor":
+        return [(worker, spec.micro_batches, True, True) for worker in plan.workers]
+    replicas = sorted({w.dp_index for w in plan.workers})
+    shares = dict(zip(replicas, _split(spec.micro_batches, len(replicas)), strict=True))
+    stages = {r: [w.stage for w in plan.workers if w.dp_index == r] for r in replicas}
+    return [(w, shares[w.dp_index], w.stage == min(stages[w.dp_index]), w.stage == max(stages[w.dp_index]))
+            for w in plan.workers]
+
+
+def _batch_fields(worker: WorkerAssignment, *, first: bool, last: bool) -> int:
+    """Fields a worker's share reads (`cetd.runtime.models`): input IDs on the first stage, the attention
+    mask where it runs blocks, the labels on the last."""
+    return int(first) + int(worker.end_block > worker.start_block) + int(last)
+
+
+def _field_bytes(spec: JobSpec) -> float:
+    """One micro-batch field: int64 per token."""
+    return _micro(spec) * spec.seq_len * 8
 
 
 def _transfer(graph: StepGraph, links: LinkMap | None, producer: tuple[int, str, int, int, int], source: str,
@@ -523,17 +589,23 @@ def _tied(description: ModelDescription) -> bool:
     return description.task == "causal_lm" and bool(description.config.get("tie_word_embeddings", True))
 
 
-def _add_step_overhead(timing: _Timing, spec: JobSpec, plan: JobPlan, links: LinkMap | None,
-                       offers: Mapping[str, DeviceOffer]) -> None:
-    """What a tensor-parallel step adds outside its blocks: the driver hears the loss, then sends the next
-    step's control and micro-batches (two hops), and each worker takes in every micro-batch's fields."""
-    members = [offers[w.device_id] for w in plan.workers]
-    intakes = {w.device_id: _intake_seconds(spec, offers[w.device_id], spec.micro_batches) for w in plan.workers}
-    overhead = 2 * _hop(links, members) + max(intakes.values())
+def _add_step_overhead(timing: _Timing, spec: JobSpec, plan: JobPlan, offers: Mapping[str, DeviceOffer],
+                       driving: _DriverCosts) -> None:
+    """What a tensor-parallel step adds outside its blocks: the loss crosses to the driver, which sends the
+    next step's control and micro-batches (`_DriverCosts`), and each worker takes in every micro-batch's
+    fields once they crossed back."""
+    intakes = {w.device_id: _intake_seconds(spec, offers[w.device_id], spec.micro_batches, BATCH_FIELDS)
+               + messaging(offers[w.device_id]).ends(1, CONTROL_BYTES) for w in plan.workers}
+    field_bytes = spec.micro_batches * BATCH_FIELDS * _field_bytes(spec)
+    reporter = min(plan.workers, key=lambda w: w.rank).device_id  # `cetd.runtime.job_protocol.loss_rank`
+    overhead = (driving.latency(reporter) + driving.seconds
+                + max(driving.latency(d, field_bytes) + seconds for d, seconds in intakes.items()))
     timing.step += overhead
     for device_id, seconds in intakes.items():
         timing.busy[device_id] += seconds
-    timing.notes.append(f"driver round trip and micro-batch intake {overhead:.3f} s per step")
+    if driving.resource != DRIVER:
+        timing.busy[driving.resource] += driving.seconds
+    timing.notes.append(f"{driving.note()}; round trip with the micro-batch intake {overhead:.3f} s per step")
 
 
 def _worker_parameters(description: ModelDescription, costs: ModelCosts, plan: JobPlan,
@@ -547,9 +619,9 @@ def _worker_parameters(description: ModelDescription, costs: ModelCosts, plan: J
     return description.parameter_count
 
 
-def _intake_seconds(spec: JobSpec, offer: DeviceOffer, micro_batches: int) -> float:
-    """A worker's CPU for taking in ``micro_batches`` micro-batches from the driver: three int64 fields each."""
-    return messaging(offer).ends(3 * micro_batches, _micro(spec) * spec.seq_len * 8)
+def _intake_seconds(spec: JobSpec, offer: DeviceOffer, micro_batches: int, fields: int) -> float:
+    """A worker's CPU for taking in ``micro_batches`` micro-batches' ``fields`` fields from the driver."""
+    return messaging(offer).ends(fields * micro_batches, _field_bytes(spec))
 
 
 def _optimizer_seconds(description: ModelDescription, costs: ModelCosts, plan: JobPlan, worker: WorkerAssignment,

@@ -118,6 +118,7 @@ class _Search:
     links: LinkMap | None
     costs: ModelCosts
     speed: dict[str, float]
+    driver: str | None = None
     found: list[PlannedJob] = field(default_factory=list)
     tried: int = 0
 
@@ -134,7 +135,7 @@ class _Search:
         """Forecast ``plan`` and keep it if it fits every device's memory (returned, else None)."""
         self.tried += 1
         prediction = predict(self.spec, self.description, plan, self.offers, links=self.links,
-                             profiles=self.profiles, costs=self.costs)
+                             profiles=self.profiles, costs=self.costs, driver=self.driver)
         limits = {o.device_id: o.memory_bytes for o in self.offers}
         if not all(need <= limits[d] for d, need in prediction.memory_bytes.items()):
             return None
@@ -487,7 +488,7 @@ def _refusal(search: _Search, parallelisms: Sequence[Parallelism]) -> JobError:
                             f"{spec.devices} {what}; the job has {limit}")
     roomiest = sorted(search.offers, key=lambda o: (-o.memory_bytes, o.device_id))[:min(count, description.num_blocks)]
     plan = even_pipeline_plan(spec, description, roomiest)
-    prediction = predict(spec, description, plan, search.offers, costs=search.costs)
+    prediction = predict(spec, description, plan, search.offers, costs=search.costs, driver=search.driver)
     device = max(roomiest, key=lambda o: prediction.memory_bytes[o.device_id] / o.memory_bytes)
     return JobError(
         f"no {' or '.join(parallelisms)} plan fits in the devices' memory: even a pipeline over the "
@@ -499,7 +500,7 @@ def _refusal(search: _Search, parallelisms: Sequence[Parallelism]) -> JobError:
 
 def plan_with_prediction(spec: JobSpec, description: ModelDescription, offers: Sequence[DeviceOffer], *,
                          objective: Objective = "throughput", profiles: Mapping[str, PowerProfile] | None = None,
-                         links: LinkMap | None = None) -> PlannedJob:
+                         links: LinkMap | None = None, driver: str | None = None) -> PlannedJob:
     """`plan_job`'s search, returning the chosen plan with its forecast and the reasons for left-out devices."""
     if not offers:
         raise JobError("no device is available to train on")
@@ -513,7 +514,8 @@ def plan_with_prediction(spec: JobSpec, description: ModelDescription, offers: S
     search = _Search(spec=spec, description=description, offers=sorted(offers, key=lambda o: o.device_id),
                      objective=objective, profiles=profiles, links=links,
                      costs=measured_costs(spec, description, offers),
-                     speed={o.device_id: block_seconds_per_sample(spec, description, o) for o in offers})
+                     speed={o.device_id: block_seconds_per_sample(spec, description, o) for o in offers},
+                     driver=driver)
     parallelisms: list[Parallelism]
     if spec.replicas > 1:
         parallelisms = ["pipeline"]  # replicas are asked for: only pipeline × data plans
@@ -544,7 +546,7 @@ def plan_with_prediction(spec: JobSpec, description: ModelDescription, offers: S
 
 def plan_job(spec: JobSpec, description: ModelDescription, devices: Sequence[DeviceOffer], *,
              objective: Objective = "throughput", profiles: Mapping[str, PowerProfile] | None = None,
-             links: LinkMap | None = None) -> JobPlan:
+             links: LinkMap | None = None, driver: str | None = None) -> JobPlan:
     """Plan ``spec`` on ``devices`` for ``objective``.
 
     ``spec.parallelism == "auto"`` chooses among one device, data, tensor and pipeline parallelism, and
@@ -556,18 +558,21 @@ def plan_job(spec: JobSpec, description: ModelDescription, devices: Sequence[Dev
     Args:
         profiles: device ID → power profile (else each offer's named profile, else the default).
         links: (device ID, device ID) → link (either order), else the 1000 Mbps Wi-Fi default.
+        driver: the device the job is submitted to: its driver's messages every step cost that device's CPU
+            (`cetd.cluster.cost_model.predict`).
 
     Raises:
         JobError: no devices or too few, a sequence too long for the model, or no plan within every
             device's memory (the message says how much is needed and available).
     """
     return plan_with_prediction(spec, description, devices, objective=objective, profiles=profiles,
-                                links=links).plan
+                                links=links, driver=driver).plan
 
 
 def what_if(spec: JobSpec, description: ModelDescription, offers: Sequence[DeviceOffer], *,
             remove: Iterable[str] = (), add: Iterable[DeviceOffer] = (), objective: Objective = "throughput",
-            profiles: Mapping[str, PowerProfile] | None = None, links: LinkMap | None = None) -> PlannedJob:
+            profiles: Mapping[str, PowerProfile] | None = None, links: LinkMap | None = None,
+            driver: str | None = None) -> PlannedJob:
     """The plan and forecast if devices ``remove`` left and ``add`` joined (`cetctl plan --what-if`).
 
     Raises:
@@ -583,4 +588,4 @@ def what_if(spec: JobSpec, description: ModelDescription, offers: Sequence[Devic
     if clash:
         raise JobError(f"cannot add {', '.join(clash)}: already available")
     return plan_with_prediction(spec, description, [*remaining, *added], objective=objective, profiles=profiles,
-                                links=links)
+                                links=links, driver=driver)

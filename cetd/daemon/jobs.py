@@ -331,7 +331,7 @@ class JobManager:
                 planned_spec = replace(spec, devices=len(offers), replicas=0 if spec.replicas > 1 else spec.replicas)
             profiles, links = planning_inputs(self._node, offers)
             plan = plan_job(planned_spec, description, offers, objective=spec.objective, profiles=profiles,
-                            links=links)
+                            links=links, driver=caller)
             plan_json = to_json(plan)
             logger.info("job %s planned (term %d): %s", job_id, term, plan.reason)
             endpoints, failed = await self._start_workers(job_id, term, caller, spec_json, plan, plan_json,
@@ -432,8 +432,9 @@ class JobManager:
         except (TypeError, ValueError) as error:
             raise JobError(f"malformed hypothetical device: {error}") from None
         profiles, links = planning_inputs(self._node, [*offers, *added])
+        asking = caller if caller in {o.device_id for o in offers} else self.me  # would run the job's driver
         planned = what_if(spec, description, offers, remove=remove, add=added, objective=spec.objective,
-                          profiles=profiles, links=links)
+                          profiles=profiles, links=links, driver=asking)
         return PlanAnswer(plan_json=to_json(planned.plan), prediction_json=json.dumps(asdict(planned.prediction)),
                           left_out_json=json.dumps(planned.left_out))
 

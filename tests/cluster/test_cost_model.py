@@ -215,8 +215,10 @@ def test_data_parallel_pays_a_ring_all_reduce_every_sync() -> None:
     all_reduce = buckets * 2 * (size / buckets / 2 / 0.12e9 + 0.002)
     hop = 0.002 + 64 / 0.12e9
     slowest = 4 * 4 * 12 * 0.02  # 4 micro-batches of 4 samples on the slower replica
-    # One small hop for the replicas' loss all-gather; two for the driver (the loss in, the next step out).
-    overhead = hop + 2 * hop
+    # One small hop for the replicas' loss all-gather; the loss's way to the driver; the way back of the
+    # next step's control and, to each replica, its 4 micro-batches' 3 fields of 4 × 32 int64.
+    intake = 4 * 3 * 4 * 32 * 8
+    overhead = hop + (0.002 + 8 / 0.12e9) + (0.002 + intake / 0.12e9)
     assert predict(SPEC, GPT2_SMALL, plan, offers, costs=costs).step_seconds == pytest.approx(
         slowest + all_reduce + overhead)
     every_fourth = replace(SPEC, sync_every=4)
@@ -279,7 +281,14 @@ def test_a_slow_cpu_paces_the_ring_when_the_network_is_fast() -> None:
     chunk = 4 * 32 * 768 * 4 / 4  # a quarter of one micro-batch's activation
     per_step = 8 * 12 * 4 * 2 * 3  # micro-batches × blocks × all-reduces × ring steps
     ring_difference = per_step * ((5e-3 + chunk * 5e-9) - (0.2e-3 + chunk * 0.5e-9))
-    assert slow_step - quick_step == pytest.approx(ring_difference, rel=0.02)  # + the step's own few hops
+
+    def ends(count: int, nbytes: float) -> float:  # the slow members' extra CPU for messages sent or received
+        return count * ((5e-3 + nbytes * 5e-9) - (0.2e-3 + nbytes * 0.5e-9)) / 2
+
+    # Outside the blocks: the driver hears the loss and sends 4 controls and every worker 8 micro-batches'
+    # 3 fields of 4 × 32 int64; each worker takes in its control and fields. Plus the step's own few hops.
+    driver = ends(1 + 4, 8) + ends(4 * 8 * 3, 1024) + ends(1, 8) + ends(8 * 3, 1024)
+    assert slow_step - quick_step == pytest.approx(ring_difference + driver, rel=0.02)
 
 
 @pytest.mark.timeout(10)
@@ -330,7 +339,8 @@ def test_the_next_step_starts_while_a_worker_off_the_losss_path_still_steps_its_
     all_reduce = buckets * 2 * (size / buckets / 2 / 0.12e9 + 0.002)
     hop = 0.002 + 64 / 0.12e9
     compute = 4 * 4 * 12 * 0.01
-    round_trip = 2 * (0.002 + 8 / 0.12e9)
+    # The loss crosses to the driver; the next step's control and 4 micro-batches' 3 fields cross back.
+    round_trip = (0.002 + 8 / 0.12e9) + (0.002 + 4 * 3 * 4 * 32 * 8 / 0.12e9)
     assert round_trip < 0.3
     assert prediction.step_seconds == pytest.approx(compute + hop + all_reduce + 0.3)
     # Had D1 also stepped for 0.3 s, the round trip would follow both optimizer steps.
@@ -372,3 +382,30 @@ def test_a_data_parallel_worker_keeps_one_micro_batch_whatever_the_schedule() ->
         # Each replica runs 4 micro-batches, every backward right after its forward.
         assert memory["D1"] == memory["D2"] >= one, schedule
         assert memory == predict(SPEC, GPT2_SMALL, replace(plan, schedule="1f1b"), offers, costs=costs).memory_bytes
+
+
+@pytest.mark.timeout(10)
+def test_the_driver_costs_the_submitting_devices_cpu_every_step() -> None:
+    # Two data-parallel replicas on D1 and D2, whose messages cost nothing; D3 takes no part, and a message
+    # costs it 10 ms (both ends). Each step the driver hears the loss, sends both workers their control and
+    # each its 4 micro-batches' 3 fields: 27 messages, half a hop each.
+    costs = replace(model_costs(SPEC, GPT2_SMALL), embedding_blocks=0.0, head_blocks=0.0)
+    offers = [*_offers(0.01, 0.01), replace(_offers(0.01)[0], device_id="D3", message_seconds=0.01)]
+    workers = tuple(WorkerAssignment(rank=i + 1, device_id=d, dp_index=i, end_block=12)
+                    for i, d in enumerate(("D1", "D2")))
+    plan = JobPlan(parallelism="data", workers=workers, micro_batches=8)
+    links = _fast_links(offers)
+    driver = 27 * 0.01 / 2
+    unnamed = predict(SPEC, GPT2_SMALL, plan, offers, links=links, costs=costs)  # priced as the cheapest member
+    on_d3 = predict(SPEC, GPT2_SMALL, plan, offers, links=links, costs=costs, driver="D3")
+    assert on_d3.step_seconds == pytest.approx(unnamed.step_seconds + driver)
+    assert on_d3.busy_seconds == pytest.approx(unnamed.busy_seconds)  # D3's CPU is not the workers'
+    assert "driver on D3: 27 messages" in " ".join(on_d3.notes)
+    # Submitted on D1, whose messages cost as much: the driver takes D1's CPU, between D1's steps.
+    pricey = [replace(o, message_seconds=0.01) if o.device_id == "D1" else o for o in offers]
+    alone = predict(SPEC, GPT2_SMALL, plan, pricey, links=links, costs=costs, driver="D3")
+    on_d1 = predict(SPEC, GPT2_SMALL, plan, pricey, links=links, costs=costs, driver="D1")
+    assert on_d1.busy_seconds["D1"] == pytest.approx(alone.busy_seconds["D1"] + driver)
+    assert on_d1.busy_seconds["D2"] == pytest.approx(alone.busy_seconds["D2"])
+    # D1 reports the loss and takes in the next step right after the driver: the same critical path.
+    assert on_d1.step_seconds == pytest.approx(alone.step_seconds)
