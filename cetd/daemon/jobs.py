@@ -313,7 +313,7 @@ class JobManager:
         """Plan the job on the live members and start its workers; a device that cannot start its worker
         (it died since its last heartbeat) is left out and the job re-planned, up to three times."""
         if self._node.election.coordinator_id != self.me:
-            raise UnavailableError("this device is not the coordinator; ask the current one")
+            raise StaleTermError("stale term: this device is not the coordinator; ask the current one")
         term = self._node.election.term
         spec = from_json(JobSpec, spec_json)
         description = from_json(ModelDescription, description_json)

@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import pytest
 
 from cetd.daemon import jobs
 from cetd.daemon.jobs import JobManager
 from cetd.errors import StaleTermError, UnavailableError
+from cetd.transport.auth import status_for
+from cetd.transport.household_client import error_from_rpc
 from cetd.transport.job_types import LaunchResult
 
 
@@ -88,3 +91,15 @@ def test_a_coordinator_that_keeps_changing_gives_up_with_the_reason() -> None:
         asyncio.run(JobManager.launch_via_coordinator(_manager(household), "job-1", "{}", "{}", set(), False))
     assert [device for device, _ in household.asked] == ["A", "B", "C"]
     assert jobs.LAUNCH_TERMS == 3
+
+
+@pytest.mark.timeout(20)
+def test_a_device_that_no_longer_coordinates_refuses_a_launch_as_a_stale_term() -> None:
+    # The submitter still follows A, which has handed over: A says so in words that cross gRPC as a stale
+    # term, so the submitter waits for the new coordinator and asks it (above), instead of failing the job.
+    household = _Household(coordinator="A", term=2, answers={})
+    with pytest.raises(StaleTermError, match="stale term: this device is not the coordinator") as refused:
+        asyncio.run(JobManager.launch(_manager(household), "job-1", "{}", "{}", (), False, "Y"))
+    rpc_error = grpc.aio.AioRpcError(status_for(refused.value), grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                     details=str(refused.value))
+    assert isinstance(error_from_rpc(rpc_error, "A"), StaleTermError)
