@@ -60,7 +60,8 @@ REFRESH = timedelta(days=7)
 MEASURE_TIMEOUT = timedelta(minutes=3)
 """Longest a device spends timing one shape (a fresh process imports torch first)."""
 ECHO_TIMEOUT = timedelta(minutes=3)
-"""Longest an echo for another device's profile waits to start (it imports torch) and then to be done."""
+"""Longest an echo process gets to start (it imports torch; a slow board takes a while) and then to be done:
+one for another device's profile, or the profiler's own local echo (`cetd.daemon.worker_main`)."""
 ECHO_WAIT = timedelta(seconds=90)
 """Longest a transport profile asks again for an echo while devices refuse only for now (they measure too)."""
 ECHO_RETRY_SECONDS = (2.0, 4.0)

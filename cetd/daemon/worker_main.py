@@ -52,6 +52,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from cetd.daemon.shape_profiles import ECHO_TIMEOUT
 from cetd.errors import CetdError
 from cetd.identity import StateDir, load_identity, load_roster, peer_device_id_from_pem
 from cetd.ids import JobId
@@ -272,10 +273,6 @@ def run_profile(launch: dict[str, Any], link: DaemonLink) -> None:
     emit("profiled", block_seconds=sum(times) / len(times) / hidden.shape[0], threads=torch.get_num_threads())
 
 
-ECHO_READY_TIMEOUT = 180.0
-"""Longest the profiler waits for its echo process to start (it imports torch; a slow board takes a while)."""
-
-
 def _profile_transport(launch: dict[str, Any], cpu_share: float, link: DaemonLink) -> tuple[float, float, str]:
     """Seconds per hop and per byte, and where the echo ran (``remote``, ``local``).
 
@@ -328,7 +325,7 @@ def _profile_local_transport(launch: dict[str, Any], cpu_share: float) -> tuple[
             echo.stdin.write(json.dumps({"role": "echo", "state_dir": launch["state_dir"], "threads": 1,
                                          "peer": [near.address, name]}) + "\n")
             echo.stdin.flush()
-            ready = line(ECHO_READY_TIMEOUT)
+            ready = line(ECHO_TIMEOUT.total_seconds())
             if ready.get("event") != "ready":
                 raise TransportError(f"the transport echo did not start: {ready.get('reason') or 'no answer'}")
             near.connect({1: (ready["address"], name)})
