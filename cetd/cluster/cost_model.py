@@ -49,6 +49,18 @@ from cetd.cluster.device_offer import (
     optimizer_seconds_per_parameter,
     speed_source,
 )
+from cetd.cluster.driver_costs import (
+    BATCH_FIELDS,
+    CONTROL_BYTES,
+    DRIVER,
+    DriverCosts,
+    batch_fields,
+    field_bytes,
+    intake_seconds,
+    micro_samples,
+    split_evenly,
+)
+from cetd.cluster.links import DEFAULT_LINK, Link, LinkMap, link_between, slowest_link
 from cetd.cluster.power import BUILTIN_PROFILES, PowerProfile
 from cetd.cluster.shape_costs import ModelCosts, in_flight, measured_costs, stage_memory
 from cetd.cluster.step_graph import StepGraph
@@ -85,32 +97,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Link:
-    """A network path between two devices."""
-
-    bandwidth_bytes_per_second: float
-    latency_seconds: float = 0.0
-    half_duplex: bool = True
-    """Wi-Fi: sending and receiving share the air, so a link carries one direction at a time."""
-
-
-DEFAULT_LINK = Link(bandwidth_bytes_per_second=0.12e9, latency_seconds=0.002)
-"""1000 Mbps Wi-Fi (≈ 0.12 GB/s, the paper's testbed), a couple of milliseconds per message."""
-
 DEFAULT_PROFILE = "laptop"
-
-LinkMap = Mapping[tuple[str, str], Link]
-
-
-def link_between(links: LinkMap | None, a: str, b: str) -> Link:
-    """The link from ``a`` to ``b`` (either order in ``links``), else `DEFAULT_LINK`."""
-    if links:
-        found = links.get((a, b)) or links.get((b, a))
-        if found is not None:
-            return found
-    return DEFAULT_LINK
-
 
 def power_profile(offer: DeviceOffer, profiles: Mapping[str, PowerProfile] | None) -> PowerProfile:
     """The device's profile: ``profiles[device_id]``, else its named built-in, else `DEFAULT_PROFILE`'s."""
@@ -159,7 +146,7 @@ def predict(spec: JobSpec, description: ModelDescription, plan: JobPlan, offers:
             costs: ModelCosts | None = None, driver: str | None = None) -> Prediction:
     """Forecast ``plan``'s step time, memory and energy on ``offers``.
 
-    ``driver``: the device the job is submitted to, which runs its driver (`_DriverCosts`); None or a device
+    ``driver``: the device the job is submitted to, which runs its driver (`DriverCosts`); None or a device
     not offered: the driver is priced as the plan's device whose messages cost least, on a CPU of its own.
 
     Raises:
@@ -172,7 +159,7 @@ def predict(spec: JobSpec, description: ModelDescription, plan: JobPlan, offers:
     costs = costs or measured_costs(spec, description, offers)
     speed = {d: block_seconds_per_sample(spec, description, o) for d, o in by_id.items()}
     timing: _Timing
-    driving = _DriverCosts(spec, plan, links, by_id, driver)
+    driving = DriverCosts(spec, plan, links, by_id, driver)
     if plan.parallelism == "tensor":
         timing = _tensor(spec, description, costs, plan, speed, links, by_id)
         _add_optimizer_steps(timing, description, costs, plan, by_id)
@@ -213,29 +200,14 @@ class _Timing:
         self.received[device_id] = received
 
 
-def _micro(spec: JobSpec) -> int:
-    return max(1, spec.global_batch // spec.micro_batches)
-
-
-def _split(count: int, parts: int) -> list[int]:
-    base, extra = divmod(count, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
-
-
 def _gradient_sync(spec: JobSpec, parameters: int, number_bytes: int, members: Sequence[DeviceOffer],
                    links: LinkMap | None) -> tuple[float, float]:
     """Seconds per step (amortised over ``sync_every``) and bytes each member sends per step."""
     if len(members) <= 1:
         return 0.0, 0.0
     size = parameters * number_bytes
-    seconds = ring_seconds(size, members, _slowest_link(links, members)) / spec.sync_every
+    seconds = ring_seconds(size, members, slowest_link(links, members)) / spec.sync_every
     return seconds, 2 * (len(members) - 1) / len(members) * size / spec.sync_every
-
-
-def _slowest_link(links: LinkMap | None, members: Sequence[DeviceOffer]) -> Link:
-    ids = [m.device_id for m in members]
-    return min((link_between(links, a, b) for a in ids for b in ids if a < b),
-               key=lambda link: link.bandwidth_bytes_per_second, default=DEFAULT_LINK)
 
 
 def _costliest(members: Sequence[DeviceOffer]) -> Messaging:
@@ -244,7 +216,7 @@ def _costliest(members: Sequence[DeviceOffer]) -> Messaging:
 
 def _pace(links: LinkMap | None, members: Sequence[DeviceOffer]) -> tuple[Link, Messaging]:
     """What paces a collective among ``members``: their slowest link and their costliest CPU per message."""
-    return _slowest_link(links, members), _costliest(members)
+    return slowest_link(links, members), _costliest(members)
 
 
 def _hop(links: LinkMap | None, members: Sequence[DeviceOffer], nbytes: float = 64.0) -> float:
@@ -265,8 +237,8 @@ def _tensor(spec: JobSpec, description: ModelDescription, costs: ModelCosts, pla
     timing = _Timing()
     ordered = sorted(plan.workers, key=lambda w: w.tp_index)
     ways = len(ordered)
-    heads = _split(description.num_heads, ways)
-    micro = _micro(spec)
+    heads = split_evenly(description.num_heads, ways)
+    micro = micro_samples(spec)
     members = [offers[w.device_id] for w in ordered]
     size = costs.boundary_bytes_per_sample * micro
     link, cpu = _pace(links, members)
@@ -333,18 +305,11 @@ be busy when the next step begins; the step time is the steady spacing of the dr
 WARM_STEPS = 2
 """Replayed steps left out of that spacing: the first, which starts with every device idle, and one more
 for a lag carried from step to step to show."""
-DRIVER = "driver"
-"""The driver's resource in the step graph when it runs on no device of the plan (a device left out, or
-one the forecast was not told); on a device of the plan it shares that device's CPU with its worker."""
-CONTROL_BYTES = 8.0
-"""A control value or a loss: one 8-byte number."""
-BATCH_FIELDS = 3
-"""Fields of a micro-batch shipped to a worker (input IDs, attention mask, labels), each its own message."""
 
 
 def _replicated(spec: JobSpec, description: ModelDescription, costs: ModelCosts, plan: JobPlan,
                 speed: Mapping[str, float], links: LinkMap | None, offers: Mapping[str, DeviceOffer],
-                driving: _DriverCosts) -> _Timing:
+                driving: DriverCosts) -> _Timing:
     """Data-parallel, pipeline and pipeline × data plans (a single device is one replica of one stage),
     replayed as a `StepGraph` over `REPLAYED_STEPS` steps: each worker takes in the driver's control and
     its micro-batches, runs its schedule, joins the loss agreement and the gradient all-reduces, and steps
@@ -376,18 +341,18 @@ class _ReplicatedSteps:
 
     def __init__(self, spec: JobSpec, description: ModelDescription, costs: ModelCosts, plan: JobPlan,
                  speed: Mapping[str, float], links: LinkMap | None, offers: Mapping[str, DeviceOffer],
-                 driving: _DriverCosts) -> None:
+                 driving: DriverCosts) -> None:
         self.spec, self.description, self.costs, self.plan, self.driving = spec, description, costs, plan, driving
         self.speed, self.links, self.offers = speed, links, offers
         replicas: dict[int, list[WorkerAssignment]] = {}
         for worker in plan.workers:
             replicas.setdefault(worker.dp_index, []).append(worker)
         self.chains = [sorted(chain, key=lambda w: w.stage) for _, chain in sorted(replicas.items())]
-        self.shares = _split(spec.micro_batches, len(self.chains))
+        self.shares = split_evenly(spec.micro_batches, len(self.chains))
         self.schedules: list[list[list[Action]]] = [
             build_schedule(spec.schedule, len(chain), share) if share else [[] for _ in chain]
             for chain, share in zip(self.chains, self.shares, strict=True)]
-        self.boundary = costs.boundary_bytes_per_sample * _micro(spec)
+        self.boundary = costs.boundary_bytes_per_sample * micro_samples(spec)
         self.ends = [chain[-1].device_id for chain in self.chains]
         self.reporter = self.ends[0]  # the worker that sends the loss (`cetd.runtime.job_protocol.loss_rank`)
         self.report = messaging(offers[self.reporter]).ends(1, CONTROL_BYTES)
@@ -413,7 +378,7 @@ class _ReplicatedSteps:
                     # A tied weight's gradients are summed between the first and the last stage.
                     pair = [self.offers[chain[0].device_id], self.offers[chain[-1].device_id]]
                     tied = ring_seconds(self.costs.last_parameters * self.costs.number_bytes, pair,
-                                        _slowest_link(self.links, pair))
+                                        slowest_link(self.links, pair))
                     self.graph.add((step, "tied", replica), [d.device_id for d in pair], tied)
         if len(self.chains) > 1:
             for stage in range(max(len(c) for c in self.chains)):
@@ -454,14 +419,14 @@ class _ReplicatedSteps:
             self.timing.add(device_id, memory=memory, busy=0.0, sent=sent, received=sent)
         load = (worker.end_block - worker.start_block + (costs.embedding_blocks if first else 0.0)
                 + (costs.head_blocks if last else 0.0))
-        compute = _micro(spec) * self.speed[device_id] * load
+        compute = micro_samples(spec) * self.speed[device_id] * load
         # Per micro-batch, a forward receives an activation (not on the first stage) and sends one (not on
         # the last); a backward receives a gradient (not on the last) and sends one (not on the first).
         message = messaging(offer).ends((not first) + (not last), self.boundary)
-        fields = _batch_fields(worker, first=first, last=last)
-        intake = _intake_seconds(spec, offer, share, fields) + messaging(offer).ends(1, CONTROL_BYTES)
+        fields = batch_fields(worker, first=first, last=last)
+        intake = intake_seconds(spec, offer, share, fields) + messaging(offer).ends(1, CONTROL_BYTES)
         # The driver announces the step, then sends the micro-batches: the worker waits for both.
-        announced = ([((step - 1, DRIVER), self.driving.latency(device_id, share * fields * _field_bytes(spec)))]
+        announced = ([((step - 1, DRIVER), self.driving.latency(device_id, share * fields * field_bytes(spec)))]
                      if step else [])
         self._add_work((step, "intake", device_id), device_id, intake, step == 0, after=announced)
         for action in self.schedules[replica][position]:
@@ -508,68 +473,6 @@ class _ReplicatedSteps:
                 self.timing.received[worker.device_id] += volume
 
 
-class _DriverCosts:
-    """The driver's part of every step (`cetd.runtime.driver`). Once a step's loss reaches it (one message
-    to receive), it announces the next step to every worker and sends each the fields of its micro-batches
-    that its share reads, a message per control and per field: for four data-parallel workers, 17 messages
-    a step. It runs on the device the job was submitted to, a Python process beside that device's worker
-    where the plan uses it: on the testbed that device's CPU showed 16 ms more per 0.154 s step (at 0.45 of
-    a core) than its peers', where one hop costs 1.9 ms; two small hops would be 4 ms.
-
-    When the forecast is not told the device (or it is not offered), the driver is priced as the plan's
-    device whose messages cost least, on a CPU of its own, and its links as the plan's slowest.
-    """
-
-    def __init__(self, spec: JobSpec, plan: JobPlan, links: LinkMap | None, offers: Mapping[str, DeviceOffer],
-                 driver: str | None) -> None:
-        members = [offers[w.device_id] for w in plan.workers]
-        self.device = driver if driver is not None and driver in offers else None
-        if self.device is not None:
-            cpu = messaging(offers[self.device])
-        else:
-            cpu = min((messaging(m) for m in members), key=lambda m: m.hops(1, CONTROL_BYTES), default=Messaging())
-        self.resource = self.device if self.device in {w.device_id for w in plan.workers} else DRIVER
-        self.links, self.slowest = links, _slowest_link(links, members)
-        fields = sum(share * _batch_fields(worker, first=first, last=last)
-                     for worker, share, first, last in _intakes(spec, plan))
-        self.seconds = cpu.ends(1 + len(plan.workers), CONTROL_BYTES) + cpu.ends(fields, _field_bytes(spec))
-        self.messages = 1 + len(plan.workers) + fields
-
-    def latency(self, device_id: str, nbytes: float = CONTROL_BYTES) -> float:
-        """A message of ``nbytes`` between the driver and ``device_id``: nothing on one device."""
-        if device_id == self.device:
-            return 0.0
-        link = link_between(self.links, self.device, device_id) if self.device is not None else self.slowest
-        return link.latency_seconds + nbytes / link.bandwidth_bytes_per_second
-
-    def note(self) -> str:
-        where = f"on {self.device}" if self.device is not None else "on the submitting device"
-        return f"driver {where}: {self.messages} messages, {self.seconds:.3f} s per step"
-
-
-def _intakes(spec: JobSpec, plan: JobPlan) -> list[tuple[WorkerAssignment, int, bool, bool]]:
-    """Per worker: the micro-batches it takes in each step, and whether it is its chain's first and last stage
-    (a tensor-parallel worker is both: it runs the whole model's ends)."""
-    if plan.parallelism == "tensor":
-        return [(worker, spec.micro_batches, True, True) for worker in plan.workers]
-    replicas = sorted({w.dp_index for w in plan.workers})
-    shares = dict(zip(replicas, _split(spec.micro_batches, len(replicas)), strict=True))
-    stages = {r: [w.stage for w in plan.workers if w.dp_index == r] for r in replicas}
-    return [(w, shares[w.dp_index], w.stage == min(stages[w.dp_index]), w.stage == max(stages[w.dp_index]))
-            for w in plan.workers]
-
-
-def _batch_fields(worker: WorkerAssignment, *, first: bool, last: bool) -> int:
-    """Fields a worker's share reads (`cetd.runtime.models`): input IDs on the first stage, the attention
-    mask where it runs blocks, the labels on the last."""
-    return int(first) + int(worker.end_block > worker.start_block) + int(last)
-
-
-def _field_bytes(spec: JobSpec) -> float:
-    """One micro-batch field: int64 per token."""
-    return _micro(spec) * spec.seq_len * 8
-
-
 def _transfer(graph: StepGraph, links: LinkMap | None, producer: tuple[int, str, int, int, int], source: str,
               target: str, nbytes: float) -> tuple[Hashable, float]:
     """``producer``'s output sent from ``source`` to ``target`` over their link, one direction of which
@@ -590,16 +493,16 @@ def _tied(description: ModelDescription) -> bool:
 
 
 def _add_step_overhead(timing: _Timing, spec: JobSpec, plan: JobPlan, offers: Mapping[str, DeviceOffer],
-                       driving: _DriverCosts) -> None:
+                       driving: DriverCosts) -> None:
     """What a tensor-parallel step adds outside its blocks: the loss crosses to the driver, which sends the
-    next step's control and micro-batches (`_DriverCosts`), and each worker takes in every micro-batch's
+    next step's control and micro-batches (`DriverCosts`), and each worker takes in every micro-batch's
     fields once they crossed back."""
-    intakes = {w.device_id: _intake_seconds(spec, offers[w.device_id], spec.micro_batches, BATCH_FIELDS)
+    intakes = {w.device_id: intake_seconds(spec, offers[w.device_id], spec.micro_batches, BATCH_FIELDS)
                + messaging(offers[w.device_id]).ends(1, CONTROL_BYTES) for w in plan.workers}
-    field_bytes = spec.micro_batches * BATCH_FIELDS * _field_bytes(spec)
+    intake_bytes = spec.micro_batches * BATCH_FIELDS * field_bytes(spec)
     reporter = min(plan.workers, key=lambda w: w.rank).device_id  # `cetd.runtime.job_protocol.loss_rank`
     overhead = (driving.latency(reporter) + driving.seconds
-                + max(driving.latency(d, field_bytes) + seconds for d, seconds in intakes.items()))
+                + max(driving.latency(d, intake_bytes) + seconds for d, seconds in intakes.items()))
     timing.step += overhead
     for device_id, seconds in intakes.items():
         timing.busy[device_id] += seconds
@@ -617,11 +520,6 @@ def _worker_parameters(description: ModelDescription, costs: ModelCosts, plan: J
     if plan.parallelism == "tensor":
         return costs.ends_parameters + description.num_blocks * costs.block_parameters // len(plan.workers)
     return description.parameter_count
-
-
-def _intake_seconds(spec: JobSpec, offer: DeviceOffer, micro_batches: int, fields: int) -> float:
-    """A worker's CPU for taking in ``micro_batches`` micro-batches' ``fields`` fields from the driver."""
-    return messaging(offer).ends(fields * micro_batches, _field_bytes(spec))
 
 
 def _optimizer_seconds(description: ModelDescription, costs: ModelCosts, plan: JobPlan, worker: WorkerAssignment,

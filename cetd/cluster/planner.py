@@ -29,16 +29,15 @@ from typing import TypeVar
 
 from cetd.cluster.cost_model import (
     DeviceOffer,
-    LinkMap,
     Prediction,
     block_seconds_per_sample,
     boundary_seconds,
-    link_between,
     power_profile,
     predict,
     stage_message_seconds,
     tensor_ring_min_bytes,
 )
+from cetd.cluster.links import LinkMap, link_between
 from cetd.cluster.power import PowerProfile
 from cetd.cluster.shape_costs import (
     OPTIMIZER_COPIES,
