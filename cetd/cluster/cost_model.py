@@ -16,12 +16,13 @@ The model, per parallelism (b samples per micro-batch, M micro-batches, S stages
   steps), and steps its optimizer. Replica 0's last stage then sends the loss to the driver, which
   announces the next step and sends the micro-batches (a message per worker and per field, on the CPU of
   the device the job was submitted to, beside its worker where the plan uses it): a few steps are replayed
-  back to back, and the step time is the steady spacing of those announcements. So work that overlaps in the real run (one worker's intake while another
-  computes, the last stage's all-reduce while the first still runs backwards, a first stage's optimizer
-  step while the driver already announces the next step) is not added up; for balanced stages and free
-  links this is the familiar (M + S − 1) × stage time. A stage's time is
-  b × its device's block seconds × (its blocks, plus the embedding's and head's extra load on the first
-  and last stage), plus its CPU for the activations and gradients it sends and receives. Memory: GPipe
+  back to back, and the step time is the steady spacing of those announcements. So work that overlaps in
+  the real run (one worker's intake while another computes, the last stage's all-reduce while the first
+  still runs backwards, a first stage's optimizer step while the driver already announces the next step)
+  is not added up; for balanced stages and free links this is the familiar (M + S − 1) × stage time. A
+  stage's time is b × its device's block seconds × (its blocks, plus the embedding's and head's extra
+  load on the first and last stage), plus its CPU for the activations and gradients it sends and
+  receives. Memory: GPipe
   keeps all M micro-batches' activations, 1F1B at most S − s on stage s. Data-parallel replicas train the
   micro-batches split evenly, so the slowest sets the pace.
 - tensor: every block of every micro-batch waits for 4 all-reduces of the activation, each round a ring
@@ -363,7 +364,6 @@ class _ReplicatedSteps:
 
     def add(self, step: int) -> None:
         """One step: schedules, loss agreement, gradient syncs, optimizer steps, the loss to the driver."""
-        # Every worker waits for the driver's control, which follows the loss of the step before.
         for replica in range(len(self.chains)):
             for position in range(len(self.chains[replica])):
                 self._add_schedule(step, replica, position)
@@ -389,8 +389,8 @@ class _ReplicatedSteps:
             self.slowest_optimizer = max(self.slowest_optimizer, seconds)
         reported = self._add_work((step, "report"), self.reporter, self.report, step == 0)
         driving = self.driving
-        if driving.resource != DRIVER:
-            self.timing.busy[driving.resource] += driving.seconds if step == 0 else 0.0
+        if step == 0:
+            driving.charge(self.timing.busy)
         self.graph.add((step, DRIVER), driving.resource, driving.seconds,
                        after=[(reported, driving.latency(self.reporter))])
 
@@ -506,8 +506,7 @@ def _add_step_overhead(timing: _Timing, spec: JobSpec, plan: JobPlan, offers: Ma
     timing.step += overhead
     for device_id, seconds in intakes.items():
         timing.busy[device_id] += seconds
-    if driving.resource != DRIVER:
-        timing.busy[driving.resource] += driving.seconds
+    driving.charge(timing.busy)
     timing.notes.append(f"{driving.note()}; round trip with the micro-batch intake {overhead:.3f} s per step")
 
 

@@ -69,6 +69,11 @@ class DriverCosts:
         link = link_between(self.links, self.device, device_id) if self.device is not None else self.slowest
         return link.latency_seconds + nbytes / link.bandwidth_bytes_per_second
 
+    def charge(self, busy: dict[str, float]) -> None:
+        """Add the driver's seconds to its device's ``busy`` seconds, where the plan uses that device."""
+        if self.resource != DRIVER:
+            busy[self.resource] += self.seconds
+
     def note(self) -> str:
         where = f"on {self.device}" if self.device is not None else "on the submitting device"
         return f"driver {where}: {self.messages} messages, {self.seconds:.3f} s per step"
