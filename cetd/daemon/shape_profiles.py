@@ -19,7 +19,13 @@ profile waits for an echo), else against an echo in a second process of this dev
 with the median of its every fresh profile's figures, not the one profile's — of those timed against
 another device, where there are any: on the study's testbed one device at a fifth of a core measured
 5.2, 8.7 and 11.4 ms per hop in three profiles minutes apart (and a device at 0.4 of a core 1.8 to
-3.1 ms), and a tensor-parallel forecast is little else than that figure times its hops.
+3.1 ms), and a tensor-parallel forecast is little else than that figure times its hops. One timing
+alone swings as much: four alike devices at 0.45 of a core measured 1.6–3.0 ms per hop, each of them
+several times minutes apart, and a slow spell lasts longer than a timing (3 s of messages, in 15
+windows, ran high throughout). So while a device has fewer than `TRANSPORT_SAMPLES` fresh timings, the
+coordinator asks it to time the transport alone again (``transport_only``) once every device of the
+machine has answered (`gather_shape_times`): the first plan of a week already prices its messages at
+a median of timings minutes apart, not at whichever spell its one profile fell in.
 
 A device that cannot answer in time is planned with its reference block scaled by FLOPs
 (`cetd.daemon.planning_inputs.scale_block_seconds`), as before. Re-plans after a failure ask the
@@ -68,6 +74,10 @@ ECHO_RETRY_SECONDS = (2.0, 4.0)
 """Pause between those asks, drawn at random so that two devices do not ask each other in lockstep."""
 ASK_TIMEOUT = timedelta(minutes=4)
 """Longest the coordinator waits for all devices' answers before planning without the missing ones."""
+TRANSPORT_SAMPLES = 3
+"""Fresh transport timings a device's message costs are the median of, before the coordinator plans on them."""
+TRANSPORT_DIR = "transport"
+"""The profiles folder's subfolder of transport-only timings (each: the shape's times with its message costs)."""
 
 
 def shape_key(description: ModelDescription, *, micro_batch: int, seq_len: int, precision: str, threads: int) -> str:
@@ -148,14 +158,14 @@ class ShapeProfiles:
         """The stored times for ``key`` when fresh, else None (a damaged file counts as none)."""
         return _read_fresh(self._dir / f"{key}.json")
 
-    def _pooled_transport(self, times: ShapeTimes) -> ShapeTimes:
+    def _pooled_transport(self, times: ShapeTimes) -> ProfileAnswer:
         """``times`` with the message costs every fresh profile here measured, each the median of them."""
-        if times.message_seconds <= 0:
-            return times
-        pooled = pooled_message_costs(self._dir)
+        pooled = pooled_message_costs(self._dir) if times.message_seconds > 0 else None
         if pooled is None:
-            return times
-        return replace(times, message_seconds=pooled[0], byte_seconds=pooled[1])
+            return ProfileAnswer(times_json=to_json(times), transport_samples=int(times.message_seconds > 0))
+        message, per_byte, samples = pooled
+        return ProfileAnswer(times_json=to_json(replace(times, message_seconds=message, byte_seconds=per_byte)),
+                             transport_samples=samples)
 
     async def answer(self, query: ProfileQuery) -> ProfileAnswer:
         """The times for the query's shape; measured now when asked to, not cached and idle.
@@ -170,7 +180,7 @@ class ShapeProfiles:
         key = shape_key(description, micro_batch=query.micro_batch, seq_len=query.seq_len,
                         precision=query.precision, threads=self._threads)
         found = self.cached(key)
-        if found is None and query.measure and self._enabled:
+        if found is None and query.measure and self._enabled and not query.transport_only:
             async with self.lock:
                 await self._lent_echo_done()
                 found = self.cached(key)  # another request may have measured it meanwhile
@@ -180,14 +190,23 @@ class ShapeProfiles:
                     found = await self._measure(key, query, description)
         if found is None:
             return ProfileAnswer(times_json="", reason="this shape has not been profiled here")
-        return ProfileAnswer(times_json=to_json(self._pooled_transport(found)))
+        if query.transport_only and query.measure and self._enabled and found.message_seconds > 0:
+            async with self.lock:
+                await self._lent_echo_done()
+                samples = self._pooled_transport(found).transport_samples
+                if samples < TRANSPORT_SAMPLES and not self._busy():
+                    await self._measure_transport(key, found)
+        return self._pooled_transport(found)
 
-    async def _measure(self, key: str, query: ProfileQuery, description: ModelDescription) -> ShapeTimes:
+    async def _profiler(self, launch: dict[str, object]) -> dict[str, object]:
+        """Run a profiler process (`cetd.daemon.worker_main`, role ``profile``), finding it an echo on another
+        device when it asks; its ``profiled`` event.
+
+        Raises:
+            JobError: the profiler failed or timed out.
+        """
         process = JobProcess(name="the shape profiler", log_path=self._log)
-        started = time.monotonic()
-        launch = {"role": "profile", "threads": self._threads, "description": json.loads(query.description_json),
-                  "micro_batch": query.micro_batch, "seq_len": query.seq_len, "precision": query.precision,
-                  "state_dir": str(self._state_dir)}
+        launch = {"role": "profile", "threads": self._threads, "state_dir": str(self._state_dir), **launch}
         if self._find_echo is not None and self._host:
             launch.update(host=self._host, remote_echo=True)
         await process.start(launch)
@@ -198,11 +217,42 @@ class ShapeProfiles:
                     peer = await self._wait_for_echo(self._find_echo, str(event.get("address", "")))
                     await process.send({"echo": list(peer) if peer else None})
                 elif event.get("event") == "profiled":
-                    break
+                    return event
                 elif event.get("event") == "failed":
                     raise JobError(str(event.get("reason", "the shape profiler failed")))
         finally:
             await process.stop()
+
+    async def _measure_transport(self, key: str, shape: ShapeTimes) -> None:
+        """Time the transport alone once more, at ``shape``'s CPU share; stored beside the profiles (as
+        ``shape`` with the new message costs), where `pooled_message_costs` finds it. A failure is logged:
+        the device answers from the timings it has."""
+        started = time.monotonic()
+        try:
+            event = await self._profiler({"transport_only": True, "cpu_share": shape.cpu_share})
+            costs = event["transport"]
+            assert isinstance(costs, dict)
+            times = replace(shape, message_seconds=float(costs["message_seconds"]),
+                            byte_seconds=float(costs["byte_seconds"]))
+        except (JobError, KeyError, TypeError, ValueError, AssertionError) as error:
+            logger.warning("the transport was not timed again: %s", error)
+            return
+        echo = str(event.get("echo", ""))
+        folder = self._dir / TRANSPORT_DIR
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for stale in folder.glob("*.json"):
+            if _read_fresh(stale) is None:
+                stale.unlink(missing_ok=True)
+        write_file_atomic(folder / f"{key}-{time.time_ns()}.json",
+                          json.dumps({"times": asdict(times), "at": time.time(), "echo": echo}).encode(), 0o600)
+        logger.info("timed the transport again in %.1f s: %.2f ms per message hop, %.2f ns per byte (echo: %s)",
+                    time.monotonic() - started, times.message_seconds * 1e3, times.byte_seconds * 1e9, echo or "none")
+
+    async def _measure(self, key: str, query: ProfileQuery, description: ModelDescription) -> ShapeTimes:
+        started = time.monotonic()
+        event = await self._profiler({"description": json.loads(query.description_json),
+                                      "micro_batch": query.micro_batch, "seq_len": query.seq_len,
+                                      "precision": query.precision})
         times = from_json(ShapeTimes, json.dumps(event["times"]))
         echo = str(event.get("echo", ""))
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -299,18 +349,20 @@ class ShapeProfiles:
             release()
 
 
-def pooled_message_costs(directory: Path) -> tuple[float, float] | None:
-    """Seconds per hop and per byte as a device answers them: the medians over the fresh profiles in its
-    profiles ``directory`` that timed the transport — those timed against an echo on another device, where
-    there are any (a lone profile's own figures); None without any."""
-    found = [_read_fresh_with_echo(path) for path in directory.glob("*.json")]
+def pooled_message_costs(directory: Path) -> tuple[float, float, int] | None:
+    """Seconds per hop and per byte as a device answers them, and how many timings they pool: the medians
+    over the fresh profiles in its profiles ``directory`` that timed the transport, and its transport-only
+    timings (`TRANSPORT_DIR`) — those timed against an echo on another device, where there are any (a
+    lone profile's own figures); None without any."""
+    paths = [*directory.glob("*.json"), *(directory / TRANSPORT_DIR).glob("*.json")]
+    found = [_read_fresh_with_echo(path) for path in paths]
     timed = [(t, echo) for t, echo in found if t is not None and t.message_seconds > 0]
     remote = [t for t, echo in timed if echo == "remote"]
     measured = remote or [t for t, _ in timed]
     if not measured:
         return None
     return (statistics.median(t.message_seconds for t in measured),
-            statistics.median(t.byte_seconds for t in measured))
+            statistics.median(t.byte_seconds for t in measured), len(measured))
 
 
 def _read_fresh(path: Path) -> ShapeTimes | None:
@@ -340,31 +392,45 @@ async def gather_shape_times(devices: Iterable[str], query: ProfileQuery, ask: A
     (and logged) — the planner then estimates them.
 
     Devices on different machines are asked in parallel; devices on one machine (equal non-empty
-    ``machines`` entries) one after another, in device-ID order.
+    ``machines`` entries) one after another, in device-ID order. When the query may measure, a device
+    whose message costs pool fewer than `TRANSPORT_SAMPLES` timings is then asked to time its transport
+    again, once per round over its machine's devices, until it has them (or answers no more).
     """
     ids = sorted(set(devices))
 
-    async def one(device_id: str) -> ShapeTimes | None:
+    async def one(device_id: str, query: ProfileQuery) -> tuple[ShapeTimes | None, int]:
         try:
             reply = await asyncio.wait_for(ask(device_id, query), timeout.total_seconds())
         except (CetdError, OSError, TimeoutError) as error:
             logger.warning("no shape profile from %s: %s", device_id, error or "timed out")
-            return None
+            return None, 0
         if not reply.times_json:
             logger.info("no shape profile from %s: %s", device_id, reply.reason)
-            return None
+            return None, 0
         try:
-            return from_json(ShapeTimes, reply.times_json)
+            return from_json(ShapeTimes, reply.times_json), reply.transport_samples
         except JobError as error:
             logger.warning("no shape profile from %s: %s", device_id, error)
-            return None
+            return None, 0
 
     groups: dict[str, list[str]] = {}
     for device_id in ids:
         groups.setdefault((machines or {}).get(device_id) or f"device {device_id}", []).append(device_id)
 
     async def in_turn(group: list[str]) -> dict[str, ShapeTimes | None]:
-        return {device_id: await one(device_id) for device_id in group}
+        answers = {device_id: await one(device_id, query) for device_id in group}
+        again = replace(query, transport_only=True)
+        for _ in range(TRANSPORT_SAMPLES - 1):
+            short = [d for d in group if answers[d][0] is not None and 0 < answers[d][1] < TRANSPORT_SAMPLES]
+            if not query.measure or not short:
+                break
+            for device_id in short:
+                times, samples = await one(device_id, again)
+                if times is None or samples <= answers[device_id][1]:
+                    answers[device_id] = (times or answers[device_id][0], TRANSPORT_SAMPLES)  # no more from it
+                else:
+                    answers[device_id] = (times, samples)
+        return {device_id: times for device_id, (times, _) in answers.items()}
 
     found: dict[str, ShapeTimes] = {}
     for answers in await asyncio.gather(*(in_turn(group) for group in groups.values())):

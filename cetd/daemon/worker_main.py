@@ -21,12 +21,14 @@ The daemon talks to it over stdin/stdout, one JSON object per line:
 A profiler process:
 
     daemon → process   {"role": "profile", "threads", "description"?, "micro_batch"?, "seq_len"?, "precision"?,
-                        "state_dir"?, "host"?, "remote_echo"?}
+                        "state_dir"?, "host"?, "remote_echo"?, "transport_only"?, "cpu_share"?}
     process → daemon   {"event": "transport", "address": "host:port"}   (with "remote_echo": its profile
                         channel listens; the daemon finds another device to echo it)
     daemon → process   {"echo": ["host:port", "tls-name"] | null}   (null: no device would; echo here)
     process → daemon   {"event": "profiled", "times": {...}, "echo": "remote"|"local"|""} (the model's
-                        shapes) | {"event": "profiled", "block_seconds"} (the reference block)
+                        shapes) | {"event": "profiled", "block_seconds"} (the reference block) |
+                       {"event": "profiled", "transport": {"message_seconds", "byte_seconds"}, "echo"}
+                       (with "transport_only": the transport alone, at the device's "cpu_share")
 
 An echo process — on another device at its daemon's request (the Echo RPC), or a second process of
 this device — gets ``{"role": "echo", "state_dir", "threads", "host"?, "peer": ["host:port",
@@ -241,6 +243,14 @@ def run_profile(launch: dict[str, Any], link: DaemonLink) -> None:
     from transformers import GPT2Config
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
+    if launch.get("transport_only"):
+        try:
+            message, per_byte, echo = _profile_transport(launch, float(launch.get("cpu_share", 0.0)), link)
+        except (CetdError, OSError, KeyError, ValueError, TransportError) as error:
+            emit("failed", reason=f"the transport was not profiled: {error}")
+            return
+        emit("profiled", transport={"message_seconds": message, "byte_seconds": per_byte}, echo=echo)
+        return
     if "description" in launch:
         from cetd.runtime.profiling import profile_shape
         from cetd.runtime.worker import torch_dtype

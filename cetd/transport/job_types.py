@@ -132,6 +132,8 @@ class ProfileQuery:
     precision: str
     measure: bool
     """Time the shape now when it is not cached (and the device is idle); else answer from the cache."""
+    transport_only: bool = False
+    """Time only the transport once more (the shape is cached): another sample for the device's median."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,6 +142,8 @@ class ProfileAnswer:
 
     times_json: str
     reason: str = ""
+    transport_samples: int = 0
+    """How many fresh transport timings the message costs in ``times_json`` are the median of."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

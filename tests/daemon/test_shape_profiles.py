@@ -14,8 +14,16 @@ from pathlib import Path
 import pytest
 
 from cetd.daemon import shape_profiles
-from cetd.daemon.shape_profiles import PROFILES_DIR, EchoFound, ShapeProfiles, gather_shape_times
+from cetd.daemon.shape_profiles import (
+    PROFILES_DIR,
+    TRANSPORT_DIR,
+    TRANSPORT_SAMPLES,
+    EchoFound,
+    ShapeProfiles,
+    gather_shape_times,
+)
 from cetd.errors import CetdError, JobError, UnavailableError
+from cetd.identity import StateDir, init_household
 from cetd.runtime.models.loading import load_model
 from cetd.runtime.spec import JobSpec, ShapeTimes, to_json
 from cetd.transport.job_types import ProfileAnswer, ProfileQuery
@@ -34,6 +42,7 @@ QUERY = ProfileQuery(description_json=_description_json(), micro_batch=2, seq_le
 
 @pytest.mark.timeout(180)
 def test_a_shape_is_measured_once_then_answered_from_the_cache(tmp_path: Path) -> None:
+    init_household(StateDir(tmp_path), "profiler")  # the transport is timed over mutual TLS, as this device
     profiles = ShapeProfiles(tmp_path, threads=1, busy=lambda: False)
     first = asyncio.run(profiles.answer(QUERY))
     times = ShapeTimes(**json.loads(first.times_json))
@@ -42,9 +51,27 @@ def test_a_shape_is_measured_once_then_answered_from_the_cache(tmp_path: Path) -
     files = list((tmp_path / PROFILES_DIR).glob("*.json"))
     assert len(files) == 1
     assert files[0].stat().st_mode & 0o777 == 0o600
-    # Busy now, and profiling off on a second instance: both still answer from the cache, bit for bit.
+    assert first.transport_samples == 1
+    assert times.message_seconds > 0
+    # Asked to time the transport alone again: a second real timing, stored beside the profile; the
+    # shape is not measured again.
+    again = asyncio.run(profiles.answer(replace(QUERY, transport_only=True)))
+    assert again.transport_samples == 2
+    [timing] = (tmp_path / PROFILES_DIR / TRANSPORT_DIR).glob("*.json")
+    assert timing.stat().st_mode & 0o777 == 0o600
+    retimed = ShapeTimes(**json.loads(timing.read_text())["times"])
+    assert retimed.message_seconds > 0
+    assert retimed.byte_seconds >= 0
+    assert replace(retimed, message_seconds=0.0, byte_seconds=0.0) == replace(times, message_seconds=0.0,
+                                                                             byte_seconds=0.0)
+    assert list((tmp_path / PROFILES_DIR).glob("*.json")) == files
+    # Busy now, and profiling off on a second instance: both still answer from the cache (message costs:
+    # the median of the two timings), and time nothing again.
     busy = ShapeProfiles(tmp_path, threads=1, busy=lambda: True, enabled=False)
-    assert asyncio.run(busy.answer(QUERY)).times_json == first.times_json
+    assert asyncio.run(busy.answer(QUERY)).times_json == again.times_json
+    assert asyncio.run(busy.answer(replace(QUERY, transport_only=True))) == again
+    assert asyncio.run(ShapeProfiles(tmp_path, threads=1, busy=lambda: True).answer(
+        replace(QUERY, transport_only=True))) == again
     # Another thread count is another measurement: not in the cache, and this device is busy.
     other = ShapeProfiles(tmp_path, threads=2, busy=lambda: True)
     refused = asyncio.run(other.answer(QUERY))
@@ -77,6 +104,10 @@ def _store(directory: Path, key: str, times: ShapeTimes, age: timedelta = timede
     (directory / f"{key}.json").write_text(json.dumps(stored))
 
 
+def _times(answer: ProfileAnswer) -> ShapeTimes:
+    return ShapeTimes(**json.loads(answer.times_json))
+
+
 def test_message_costs_are_the_median_of_every_fresh_profile_here(tmp_path: Path) -> None:
     profiles = ShapeProfiles(tmp_path, threads=1, busy=lambda: True)
     directory = tmp_path / PROFILES_DIR
@@ -88,13 +119,20 @@ def test_message_costs_are_the_median_of_every_fresh_profile_here(tmp_path: Path
     _store(directory, "stale", replace(base, message_seconds=1.0, byte_seconds=1.0), age=timedelta(days=8))
     _store(directory, "unmeasured", base)  # its transport was not profiled: 0, not a cost
     (directory / "damaged.json").write_text("{not json")
+    # A transport-only timing of shape "a" pools like a profile: 5, 8, 11 and 12 ms.
+    _store(directory / TRANSPORT_DIR, "a-1", replace(base, message_seconds=12e-3, byte_seconds=30e-9))
     pooled = profiles._pooled_transport(profiles.cached("a") or base)
-    assert pooled == replace(base, message_seconds=8e-3, byte_seconds=18e-9)  # the shape's own block time kept
+    assert pooled.transport_samples == 4
+    # The shape's own block time kept.
+    times = _times(pooled)
+    assert replace(times, message_seconds=0.0, byte_seconds=0.0) == base
+    assert (times.message_seconds, times.byte_seconds) == pytest.approx((9.5e-3, 19e-9))
     # A profile without a transport measurement stays without one; a lone profile keeps its own figures.
-    assert profiles._pooled_transport(base) == base
+    assert profiles._pooled_transport(base) == ProfileAnswer(times_json=to_json(base), transport_samples=0)
     alone = ShapeProfiles(tmp_path / "alone", threads=1, busy=lambda: True)
     _store(tmp_path / "alone" / PROFILES_DIR, "a", replace(base, message_seconds=11e-3))
-    assert alone._pooled_transport(replace(base, message_seconds=11e-3)).message_seconds == 11e-3
+    lone = alone._pooled_transport(replace(base, message_seconds=11e-3))
+    assert (_times(lone).message_seconds, lone.transport_samples) == (11e-3, 1)
 
 
 def test_message_costs_timed_against_another_device_are_preferred(tmp_path: Path) -> None:
@@ -107,9 +145,10 @@ def test_message_costs_timed_against_another_device_are_preferred(tmp_path: Path
                       message_seconds=9e-3, byte_seconds=20e-9)
     _store(directory, "old", base)  # written before the echo was recorded
     _store(directory, "here", replace(base, message_seconds=10e-3), echo="local")
-    assert profiles._pooled_transport(base).message_seconds == 9.5e-3
+    assert _times(profiles._pooled_transport(base)).message_seconds == 9.5e-3
     _store(directory, "remote", replace(base, message_seconds=5e-3, byte_seconds=7e-9), echo="remote")
-    assert profiles._pooled_transport(base) == replace(base, message_seconds=5e-3, byte_seconds=7e-9)
+    pooled = profiles._pooled_transport(base)
+    assert (_times(pooled), pooled.transport_samples) == (replace(base, message_seconds=5e-3, byte_seconds=7e-9), 1)
 
 
 def test_an_echo_is_refused_while_this_device_trains_measures_or_does_not_profile(tmp_path: Path) -> None:
@@ -292,3 +331,35 @@ def test_devices_on_one_machine_are_asked_one_at_a_time_and_machines_in_parallel
     assert most == {"A": 1, "B": 1, "lone": 1, "unknown": 1}
     # A, B and the two devices of no known machine each had one measurement running at once.
     assert max(overall) == 4
+
+
+def test_a_device_with_too_few_transport_timings_is_asked_to_time_it_again_in_rounds() -> None:
+    # Two devices on machine A, one on B. "a1" has one timing and times one more each time it is asked;
+    # "a2" has all it needs; "b1" has one, and then answers no more (its device began training).
+    good = ShapeTimes(block_seconds=1e-3, embedding_blocks=0.1, head_blocks=2.0, optimizer_seconds_per_parameter=1e-9,
+                      message_seconds=2e-3)
+    machines = {"a1": "A", "a2": "A", "b1": "B"}
+    samples = {"a1": 1, "a2": TRANSPORT_SAMPLES, "b1": 1}
+    asked: list[tuple[str, bool]] = []
+
+    async def ask(device_id: str, query: ProfileQuery) -> ProfileAnswer:
+        asked.append((device_id, query.transport_only))
+        if query.transport_only:
+            if device_id == "b1":
+                return ProfileAnswer(times_json="", reason="a job runs on this device; not profiled now")
+            samples[device_id] += 1
+        times = replace(good, message_seconds=good.message_seconds * samples[device_id])
+        return ProfileAnswer(times_json=json.dumps(asdict(times)), transport_samples=samples[device_id])
+
+    found = asyncio.run(gather_shape_times(list(machines), QUERY, ask, machines=machines))
+    assert samples == {"a1": TRANSPORT_SAMPLES, "a2": TRANSPORT_SAMPLES, "b1": 1}
+    # Each device's latest answer; b1's shape answer stands when it times no more.
+    every = replace(good, message_seconds=2e-3 * TRANSPORT_SAMPLES)
+    assert found == {"a1": every, "a2": every, "b1": good}
+    on_a = [entry for entry in asked if entry[0] != "b1"]
+    assert on_a == [("a1", False), ("a2", False)] + [("a1", True)] * (TRANSPORT_SAMPLES - 1)
+    assert [entry for entry in asked if entry[0] == "b1"] == [("b1", False), ("b1", True)]
+    # A query that may not measure asks each device once, whatever its timings.
+    asked.clear()
+    asyncio.run(gather_shape_times(list(machines), replace(QUERY, measure=False), ask, machines=machines))
+    assert sorted(asked) == [("a1", False), ("a2", False), ("b1", False)]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cetd.daemon.shape_profiles import TRANSPORT_DIR, TRANSPORT_SAMPLES
 from tests.integration.reference import write_text_data
 from tests.integration.rig import Household, wait_until
 
@@ -21,8 +22,13 @@ from .netns import NetnsRig, requires_root
 pytestmark = [pytest.mark.netns, pytest.mark.slow, requires_root]
 
 
-def _profiles(state_dir: Path) -> list[dict[str, object]]:
-    return [json.loads(path.read_text()) for path in sorted((state_dir / "profiles").glob("*.json"))]
+def _profiles(state_dir: Path, folder: str = "profiles") -> list[dict[str, object]]:
+    return [json.loads(path.read_text()) for path in sorted((state_dir / folder).glob("*.json"))]
+
+
+def _retimed(state_dir: Path) -> list[dict[str, object]]:
+    """The transport timed alone again, after the shape's profile (`TRANSPORT_SAMPLES` in all)."""
+    return _profiles(state_dir, f"profiles/{TRANSPORT_DIR}")
 
 
 @pytest.mark.timeout(480)
@@ -42,6 +48,11 @@ def test_devices_profiled_at_once_echo_each_other(tmp_path: Path) -> None:
                 stored = _profiles(daemon.state_dir)
                 assert [s["echo"] for s in stored] == ["remote"], daemon.log()
                 assert stored[0]["times"]["message_seconds"] > 0  # type: ignore[index]
+                # Before the plan, each device timed its transport again until its median had enough timings,
+                # each against the other device too.
+                again = _retimed(daemon.state_dir)
+                assert [s["echo"] for s in again] == ["remote"] * (TRANSPORT_SAMPLES - 1), daemon.log()
+                assert all(s["times"]["message_seconds"] > 0 for s in again)  # type: ignore[index]
             # They were profiled at once (two machines): one found the other measuring, and asked again.
             assert any("measures or echoes now" in d.log() for d in house.daemons)
             # Every echo ended and gave its device back: a second shape is measured, and echoed, again.
@@ -49,3 +60,4 @@ def test_devices_profiled_at_once_echo_each_other(tmp_path: Path) -> None:
             assert set(again["speed_source"].values()) == {"measured"}
             for daemon in house.daemons:
                 assert [s["echo"] for s in _profiles(daemon.state_dir)] == ["remote", "remote"], daemon.log()
+                assert len(_retimed(daemon.state_dir)) == TRANSPORT_SAMPLES - 1  # enough: not timed alone again
