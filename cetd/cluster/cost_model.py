@@ -51,13 +51,10 @@ from cetd.cluster.device_offer import (
     speed_source,
 )
 from cetd.cluster.driver_costs import (
-    BATCH_FIELDS,
     CONTROL_BYTES,
     DRIVER,
     DriverCosts,
-    batch_fields,
-    field_bytes,
-    intake_seconds,
+    intakes,
     micro_samples,
     split_evenly,
 )
@@ -349,7 +346,8 @@ class _ReplicatedSteps:
         for worker in plan.workers:
             replicas.setdefault(worker.dp_index, []).append(worker)
         self.chains = [sorted(chain, key=lambda w: w.stage) for _, chain in sorted(replicas.items())]
-        self.shares = split_evenly(spec.micro_batches, len(self.chains))
+        self.intakes = intakes(spec, plan)
+        self.shares = [self.intakes[chain[0].rank].micro_batches for chain in self.chains]
         self.schedules: list[list[list[Action]]] = [
             build_schedule(spec.schedule, len(chain), share) if share else [[] for _ in chain]
             for chain, share in zip(self.chains, self.shares, strict=True)]
@@ -403,11 +401,12 @@ class _ReplicatedSteps:
 
     def _add_schedule(self, step: int, replica: int, position: int) -> None:
         """One worker's intake and its schedule's forwards and backwards."""
-        spec, costs, chain, share = self.spec, self.costs, self.chains[replica], self.shares[replica]
+        spec, costs, chain = self.spec, self.costs, self.chains[replica]
         worker = chain[position]
         device_id, offer = worker.device_id, self.offers[worker.device_id]
         stages = len(chain)
-        first, last = position == 0, position == stages - 1
+        taken = self.intakes[worker.rank]
+        first, last, share = taken.first, taken.last, taken.micro_batches
         if step == 0:
             sent = share * self.boundary * ((not last) + (not first))
             # A replica keeps only its own share of the micro-batches in flight; a data-parallel worker runs
@@ -423,12 +422,9 @@ class _ReplicatedSteps:
         # Per micro-batch, a forward receives an activation (not on the first stage) and sends one (not on
         # the last); a backward receives a gradient (not on the last) and sends one (not on the first).
         message = messaging(offer).ends((not first) + (not last), self.boundary)
-        fields = batch_fields(worker, first=first, last=last)
-        intake = intake_seconds(spec, offer, share, fields) + messaging(offer).ends(1, CONTROL_BYTES)
         # The driver announces the step, then sends the micro-batches: the worker waits for both.
-        announced = ([((step - 1, DRIVER), self.driving.latency(device_id, share * fields * field_bytes(spec)))]
-                     if step else [])
-        self._add_work((step, "intake", device_id), device_id, intake, step == 0, after=announced)
+        announced = [((step - 1, DRIVER), self.driving.latency(device_id, taken.nbytes(spec)))] if step else []
+        self._add_work((step, "intake", device_id), device_id, taken.seconds(spec, offer), step == 0, after=announced)
         for action in self.schedules[replica][position]:
             forward = action.kind is ActionKind.FORWARD
             after: list[tuple[Hashable, float]] = []
@@ -497,15 +493,14 @@ def _add_step_overhead(timing: _Timing, spec: JobSpec, plan: JobPlan, offers: Ma
     """What a tensor-parallel step adds outside its blocks: the loss crosses to the driver, which sends the
     next step's control and micro-batches (`DriverCosts`), and each worker takes in every micro-batch's
     fields once they crossed back."""
-    intakes = {w.device_id: intake_seconds(spec, offers[w.device_id], spec.micro_batches, BATCH_FIELDS)
-               + messaging(offers[w.device_id]).ends(1, CONTROL_BYTES) for w in plan.workers}
-    intake_bytes = spec.micro_batches * BATCH_FIELDS * field_bytes(spec)
+    taken = intakes(spec, plan).values()
     reporter = min(plan.workers, key=lambda w: w.rank).device_id  # `cetd.runtime.job_protocol.loss_rank`
     overhead = (driving.latency(reporter) + driving.seconds
-                + max(driving.latency(d, intake_bytes) + seconds for d, seconds in intakes.items()))
+                + max(driving.latency(i.worker.device_id, i.nbytes(spec)) + i.seconds(spec, offers[i.worker.device_id])
+                      for i in taken))
     timing.step += overhead
-    for device_id, seconds in intakes.items():
-        timing.busy[device_id] += seconds
+    for intake in taken:
+        timing.busy[intake.worker.device_id] += intake.seconds(spec, offers[intake.worker.device_id])
     driving.charge(timing.busy)
     timing.notes.append(f"{driving.note()}; round trip with the micro-batch intake {overhead:.3f} s per step")
 

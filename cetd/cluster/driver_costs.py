@@ -6,22 +6,21 @@ Torch-free and pure, like the rest of `cetd.cluster`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from cetd.cluster.device_offer import DeviceOffer, messaging
 from cetd.cluster.links import LinkMap, link_between, slowest_link
 from cetd.cluster.transport_costs import Messaging
 from cetd.runtime.spec import JobPlan, JobSpec, WorkerAssignment
 
-__all__ = ["BATCH_FIELDS", "CONTROL_BYTES", "DRIVER", "DriverCosts", "batch_fields", "field_bytes", "intake_seconds",
-           "intakes", "micro_samples", "split_evenly"]
+__all__ = ["CONTROL_BYTES", "DRIVER", "DriverCosts", "Intake", "batch_fields", "field_bytes", "intakes",
+           "micro_samples", "split_evenly"]
 
 DRIVER = "driver"
 """The driver's resource in the step graph when it runs on no device of the plan (a device left out, or
 one the forecast was not told); on a device of the plan it shares that device's CPU with its worker."""
 CONTROL_BYTES = 8.0
 """A control value or a loss: one 8-byte number."""
-BATCH_FIELDS = 3
-"""Fields of a micro-batch shipped to a worker (input IDs, attention mask, labels), each its own message."""
 
 
 def micro_samples(spec: JobSpec) -> int:
@@ -57,8 +56,7 @@ class DriverCosts:
             cpu = min((messaging(m) for m in members), key=lambda m: m.hops(1, CONTROL_BYTES), default=Messaging())
         self.resource = self.device if self.device in {w.device_id for w in plan.workers} else DRIVER
         self.links, self.slowest = links, slowest_link(links, members)
-        fields = sum(share * batch_fields(worker, first=first, last=last)
-                     for worker, share, first, last in intakes(spec, plan))
+        fields = sum(intake.micro_batches * intake.fields for intake in intakes(spec, plan).values())
         self.seconds = cpu.ends(1 + len(plan.workers), CONTROL_BYTES) + cpu.ends(fields, field_bytes(spec))
         self.messages = 1 + len(plan.workers) + fields
 
@@ -79,16 +77,43 @@ class DriverCosts:
         return f"driver {where}: {self.messages} messages, {self.seconds:.3f} s per step"
 
 
-def intakes(spec: JobSpec, plan: JobPlan) -> list[tuple[WorkerAssignment, int, bool, bool]]:
-    """Per worker: the micro-batches it takes in each step, and whether it is its chain's first and last stage
-    (a tensor-parallel worker is both: it runs the whole model's ends)."""
+@dataclass(frozen=True, slots=True)
+class Intake:
+    """What one worker takes in from the driver each step: the step's control, and the fields its share reads
+    of its micro-batches, a message each."""
+
+    worker: WorkerAssignment
+    micro_batches: int
+    """Its replica's share of the step's micro-batches."""
+    first: bool
+    """Its chain's first stage (a tensor-parallel worker is first and last: it runs the whole model's ends)."""
+    last: bool
+
+    @property
+    def fields(self) -> int:
+        """Fields it reads of each micro-batch (`batch_fields`)."""
+        return batch_fields(self.worker, first=self.first, last=self.last)
+
+    def nbytes(self, spec: JobSpec) -> float:
+        """The bytes of its micro-batches' fields."""
+        return self.micro_batches * self.fields * field_bytes(spec)
+
+    def seconds(self, spec: JobSpec, offer: DeviceOffer) -> float:
+        """Its device's CPU for taking in the control and the fields."""
+        cpu = messaging(offer)
+        return cpu.ends(self.fields * self.micro_batches, field_bytes(spec)) + cpu.ends(1, CONTROL_BYTES)
+
+
+def intakes(spec: JobSpec, plan: JobPlan) -> dict[int, Intake]:
+    """Every worker's `Intake`, by rank: replicas (by data-parallel index) share the micro-batches evenly."""
     if plan.parallelism == "tensor":
-        return [(worker, spec.micro_batches, True, True) for worker in plan.workers]
+        return {w.rank: Intake(w, spec.micro_batches, True, True) for w in plan.workers}
     replicas = sorted({w.dp_index for w in plan.workers})
     shares = dict(zip(replicas, split_evenly(spec.micro_batches, len(replicas)), strict=True))
     stages = {r: [w.stage for w in plan.workers if w.dp_index == r] for r in replicas}
-    return [(w, shares[w.dp_index], w.stage == min(stages[w.dp_index]), w.stage == max(stages[w.dp_index]))
-            for w in plan.workers]
+    return {w.rank: Intake(w, shares[w.dp_index], w.stage == min(stages[w.dp_index]),
+                           w.stage == max(stages[w.dp_index]))
+            for w in plan.workers}
 
 
 def batch_fields(worker: WorkerAssignment, *, first: bool, last: bool) -> int:
@@ -100,8 +125,3 @@ def batch_fields(worker: WorkerAssignment, *, first: bool, last: bool) -> int:
 def field_bytes(spec: JobSpec) -> float:
     """One micro-batch field: int64 per token."""
     return micro_samples(spec) * spec.seq_len * 8
-
-
-def intake_seconds(spec: JobSpec, offer: DeviceOffer, micro_batches: int, fields: int) -> float:
-    """A worker's CPU for taking in ``micro_batches`` micro-batches' ``fields`` fields from the driver."""
-    return messaging(offer).ends(fields * micro_batches, field_bytes(spec))
