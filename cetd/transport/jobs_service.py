@@ -30,6 +30,10 @@ from cetd.wire import jobs_pb2_grpc as pb_grpc
 Context = grpc.aio.ServicerContext[Any, Any]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Jobs"].full_name
+PLAN_TIMEOUT = timedelta(minutes=15)
+"""How long `cetctl plan` waits for the coordinator: a model's first plan of the week times every device's
+shapes and then its transport twice more (`cetd.daemon.shape_profiles`), one device at a time where daemons
+share a machine; four at 0.45 of a core on the study's testbed took 4.7 minutes."""
 
 
 class JobsHandler(Protocol):
@@ -223,7 +227,7 @@ class JobsClient:
         return list(reply.jobs)
 
     async def plan(self, spec_json: str, description_json: str = "", remove: tuple[str, ...] = (),
-                   add_json: str = "", timeout: timedelta = timedelta(minutes=5)) -> PlanAnswer:
+                   add_json: str = "", timeout: timedelta = PLAN_TIMEOUT) -> PlanAnswer:
         request = pb.PlanRequest(spec_json=spec_json, description_json=description_json, remove=list(remove),
                                  add_json=add_json)
         reply = await call_rpc(self._target, self._stub.Plan(request, timeout=timeout.total_seconds()))
