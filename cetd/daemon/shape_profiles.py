@@ -231,10 +231,11 @@ class ShapeProfiles:
         try:
             event = await self._profiler({"transport_only": True, "cpu_share": shape.cpu_share})
             costs = event["transport"]
-            assert isinstance(costs, dict)
+            if not isinstance(costs, dict):
+                raise TypeError(f"the profiler answered {costs!r} for the transport")
             times = replace(shape, message_seconds=float(costs["message_seconds"]),
                             byte_seconds=float(costs["byte_seconds"]))
-        except (JobError, KeyError, TypeError, ValueError, AssertionError) as error:
+        except (JobError, KeyError, TypeError, ValueError) as error:
             logger.warning("the transport was not timed again: %s", error)
             return
         echo = str(event.get("echo", ""))
