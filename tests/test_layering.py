@@ -37,6 +37,17 @@ def test_daemon_control_plane_imports_without_torch() -> None:
 
 
 @pytest.mark.timeout(120)
+def test_a_transport_echo_or_timing_imports_no_model_library() -> None:
+    # An echo process, or a transport-only timing, loads what it runs: torch and the tensor transport.
+    # transformers alone takes 5 s to import at a whole core of this VM, half a minute on a board at a fifth.
+    out = _fresh(
+        "import sys, cetd.daemon.worker_main, cetd.runtime.transport_profile, cetd.transport.tensor_channel; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'safetensors', 'datasets'}))"
+    )
+    assert out == "[]"
+
+
+@pytest.mark.timeout(120)
 def test_runtime_never_imports_grpc_or_zeroconf() -> None:
     runtime = [m.name for m in pkgutil.walk_packages(cetd.__path__, "cetd.") if m.name.startswith("cetd.runtime")]
     out = _fresh(

@@ -6,7 +6,7 @@
 Prints nothing; writes ``WORKDIR/result<RANK>.json``:
 
 - ``message_seconds``, ``byte_seconds``: the daemon's own transport profile of this device
-  (`cetd.runtime.profiling.profile_transport` against an echo in a second process, both on 127.0.0.1,
+  (`cetd.runtime.transport_profile.profile_transport` against an echo in a second process, both on 127.0.0.1,
   both ends' CPU over the device's share of a core), which the cost model paces rings by;
 - ``cpu_share``: that share, CPU-seconds per wall second on a compute loop (so ``message_seconds ×
   cpu_share`` is the profile's CPU per hop, to set beside the ring's);
@@ -34,7 +34,8 @@ import torch
 
 from cetd.ids import JobId
 from cetd.runtime.collectives import all_reduce_
-from cetd.runtime.profiling import PhaseCost, cpu_seconds, echo_transport, hop_cpu_seconds, profile_transport
+from cetd.runtime.timing import cpu_seconds
+from cetd.runtime.transport_profile import PhaseCost, echo_transport, hop_cpu_seconds, profile_transport
 from cetd.transport.channel import TensorKey
 from cetd.transport.tensor_channel import GrpcPeerChannel, TensorChannelConfig
 

@@ -3,7 +3,7 @@
 Every message over the tensor transport costs its sender and its receiver CPU time: framing, TLS,
 gRPC, copying. On a fast machine it is a fraction of a millisecond; on a board held to a fifth of a
 core it is several, and a tensor-parallel step makes hundreds of hops. Each device measures it with
-`cetd.runtime.profiling.profile_transport` (a ping-pong against an echo on another device, or between
+`cetd.runtime.transport_profile.profile_transport` (a ping-pong against an echo on another device, or between
 two of its own processes where no other device echoes): ``message_seconds`` is the CPU of one hop's
 both ends done on that device (one message sent and one received), over the CPU share the device gives
 a worker (so, the wall time that CPU takes there), ``byte_seconds`` the extra per byte. A hop between

@@ -155,7 +155,7 @@ def run_driver(launch: dict[str, Any], link: DaemonLink) -> None:
     """Describe the job, then run one incarnation per plan the daemon sends until the job ends."""
     from cetd.runtime.checkpoint import CheckpointError
     from cetd.runtime.driver import Driver, WorkerLost
-    from cetd.runtime.profiling import cpu_seconds
+    from cetd.runtime.timing import cpu_seconds
 
     spec = from_json(JobSpec, json.dumps(launch["spec"]))
     job_id = launch["job_id"]
@@ -216,7 +216,7 @@ class _TruncatingChannel:
 
 
 def run_worker_process(launch: dict[str, Any], link: DaemonLink) -> None:
-    from cetd.runtime.profiling import cpu_seconds
+    from cetd.runtime.timing import cpu_seconds
     from cetd.runtime.worker import run_worker
 
     spec = from_json(JobSpec, json.dumps(launch["spec"]))
@@ -239,11 +239,7 @@ def run_profile(launch: dict[str, Any], link: DaemonLink) -> None:
     reference transformer block (GPT-2 small's shape, 8 × 32 tokens), forward + backward."""
     import time
 
-    import torch
-    from transformers import GPT2Config
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
-
-    if launch.get("transport_only"):
+    if launch.get("transport_only"):  # before the model libraries: this process needs torch and the transport only
         try:
             message, per_byte, echo = _profile_transport(launch, float(launch.get("cpu_share", 0.0)), link)
         except (CetdError, OSError, KeyError, ValueError, TransportError) as error:
@@ -251,6 +247,10 @@ def run_profile(launch: dict[str, Any], link: DaemonLink) -> None:
             return
         emit("profiled", transport={"message_seconds": message, "byte_seconds": per_byte}, echo=echo)
         return
+    import torch
+    from transformers import GPT2Config
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
     if "description" in launch:
         from cetd.runtime.profiling import profile_shape
         from cetd.runtime.worker import torch_dtype
@@ -295,7 +295,7 @@ def _profile_transport(launch: dict[str, Any], cpu_share: float, link: DaemonLin
     a second process of this device (mutual TLS on 127.0.0.1), both ends' CPU over ``cpu_share``
     (`hop_cpu_seconds`). The ping-pong's wall time where no share was measured.
     """
-    from cetd.runtime.profiling import near_hop_seconds, profile_transport
+    from cetd.runtime.transport_profile import near_hop_seconds, profile_transport
 
     if launch.get("remote_echo") and launch.get("host"):
         with _channel({**launch, "job_id": "profile"}, 0, 2) as near:
@@ -316,7 +316,7 @@ def _profile_local_transport(launch: dict[str, Any], cpu_share: float) -> tuple[
     import subprocess
 
     from cetd.identity import tls_server_name
-    from cetd.runtime.profiling import PhaseCost, hop_cpu_seconds, profile_transport
+    from cetd.runtime.transport_profile import PhaseCost, hop_cpu_seconds, profile_transport
 
     identity = load_identity(StateDir(launch["state_dir"]))
     local = {**launch, "job_id": "profile", "host": "127.0.0.1"}
@@ -356,7 +356,7 @@ def _profile_local_transport(launch: dict[str, Any], cpu_share: float) -> tuple[
 
 def run_echo(launch: dict[str, Any]) -> None:
     """The far end of the transport profile: a second process that sends every message straight back."""
-    from cetd.runtime.profiling import echo_transport
+    from cetd.runtime.transport_profile import echo_transport
 
     address, name = launch["peer"]
     local = {**launch, "job_id": "profile", "host": launch.get("host") or "127.0.0.1"}

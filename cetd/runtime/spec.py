@@ -209,7 +209,7 @@ class ShapeTimes:
     """Per micro-batch, the part of a block's time that a tensor-parallel split does not make smaller."""
     message_seconds: float = 0.0
     """One message hop over the tensor transport: both ends' work on this device (one message sent and one
-    received, `cetd.runtime.profiling.near_hop_seconds`), its CPU over `cpu_share`, the wall
+    received, `cetd.runtime.transport_profile.near_hop_seconds`), its CPU over `cpu_share`, the wall
     time that work takes here (0: not measured)."""
     byte_seconds: float = 0.0
     """The same hop's extra time per byte (0: not measured)."""

@@ -10,23 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from cetd.runtime import profiling
+from cetd.runtime import timing
 from cetd.runtime.driver import Driver
 from cetd.runtime.models.loading import build_described
-from cetd.runtime.profiling import (
+from cetd.runtime.profiling import _median_ratio, _unsplittable, profile_shape
+from cetd.runtime.spec import JobSpec, ModelDescription
+from cetd.runtime.timing import rounds, sustained
+from cetd.runtime.transport_profile import (
     PhaseCost,
     TransportProfile,
-    _median_ratio,
-    _rounds,
-    _sustained,
-    _unsplittable,
     echo_transport,
     hop_cpu_seconds,
     near_hop_seconds,
-    profile_shape,
     profile_transport,
 )
-from cetd.runtime.spec import JobSpec, ModelDescription
 
 
 def _describe(tmp_path: Path, model: str) -> ModelDescription:
@@ -93,7 +90,7 @@ def test_a_hop_is_timed_against_the_echo_and_every_message_is_consumed() -> None
     for phase, cost in timed.phases.items():
         # Every ping the near end sent was echoed: the timed passes (at least one per window), the warm-up,
         # and the sentinel that ends the phase.
-        assert echoed[0][phase].messages == cost.messages >= profiling.WINDOWS + profiling.WARMUP + 1
+        assert echoed[0][phase].messages == cost.messages >= timing.WINDOWS + timing.WARMUP + 1
         assert cost.cpu_seconds > 0
     assert near.undelivered() == []
     assert far.undelivered() == []
@@ -143,7 +140,7 @@ class _Clock:
 
 def test_a_burst_of_other_work_in_one_window_does_not_skew_the_time(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock()
-    monkeypatch.setattr(profiling.time, "perf_counter", clock)
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
     passes = 0
 
     def run() -> None:  # 10 ms a pass, but passes 30..32 take 100 ms each (a neighbour's burst)
@@ -151,16 +148,16 @@ def test_a_burst_of_other_work_in_one_window_does_not_skew_the_time(monkeypatch:
         passes += 1
         clock.now += 0.100 if 30 <= passes < 33 else 0.010
 
-    seconds = _sustained(run, repeats=5, sustain=1.0, windows=5)
+    seconds = sustained(run, repeats=5, sustain=1.0, windows=5)
     assert seconds == pytest.approx(0.010)
-    timed = passes - profiling.WARMUP
+    timed = passes - timing.WARMUP
     mean = (timed * 0.010 + 3 * 0.090) / timed
     assert mean > 0.012  # the whole span's mean would have been more than 20% slow
 
 
 def test_sustained_times_at_least_the_span_and_the_passes_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock()
-    monkeypatch.setattr(profiling.time, "perf_counter", clock)
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
     passes = 0
 
     def run() -> None:
@@ -168,26 +165,26 @@ def test_sustained_times_at_least_the_span_and_the_passes_asked_for(monkeypatch:
         passes += 1
         clock.now += 0.5  # a pass longer than a window: each window holds one
 
-    assert _sustained(run, repeats=7, sustain=1.0, windows=3) == pytest.approx(0.5)
-    assert passes == profiling.WARMUP + 7
+    assert sustained(run, repeats=7, sustain=1.0, windows=3) == pytest.approx(0.5)
+    assert passes == timing.WARMUP + 7
 
 
 def test_pieces_timed_in_rounds_keep_their_ratio_when_the_device_slows_down(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock()
-    monkeypatch.setattr(profiling.time, "perf_counter", clock)
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
 
     def piece(seconds: float) -> Callable[[], None]:
         def run() -> None:  # after 1.05 s the device runs 1.5× slower, to the end of the profile
             clock.now += seconds * (1.5 if clock.now >= 1.05 else 1.0)
         return run
 
-    timed = _rounds({"block": piece(0.010), "head": piece(0.005)}, repeats=5, sustain=1.0, windows=6)
+    timed = rounds({"block": piece(0.010), "head": piece(0.005)}, repeats=5, sustain=1.0, windows=6)
     assert len(timed["block"]) == len(timed["head"]) == 6
     assert _median_ratio(timed["head"], timed["block"]) == pytest.approx(0.5)
     # Timed one after the other, the head would have met only the slow device: 0.75 blocks, not 0.5.
     clock.now = 0.0
-    block = _sustained(piece(0.010), repeats=5, sustain=1.0, windows=6)
-    head = _sustained(piece(0.005), repeats=5, sustain=1.0, windows=6)
+    block = sustained(piece(0.010), repeats=5, sustain=1.0, windows=6)
+    head = sustained(piece(0.005), repeats=5, sustain=1.0, windows=6)
     assert head / block == pytest.approx(0.75)
 
 
