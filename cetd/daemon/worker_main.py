@@ -27,8 +27,8 @@ A profiler process:
     daemon → process   {"echo": ["host:port", "tls-name"] | null}   (null: no device would; echo here)
     process → daemon   {"event": "profiled", "times": {...}, "echo": "remote"|"local"|""} (the model's
                         shapes) | {"event": "profiled", "block_seconds"} (the reference block) |
-                       {"event": "profiled", "transport": {"message_seconds", "byte_seconds"}, "echo"}
-                       (with "transport_only": the transport alone, at the device's "cpu_share")
+                        {"event": "profiled", "transport": {"message_seconds", "byte_seconds"}, "echo"}
+                        (with "transport_only": the transport alone, at the device's "cpu_share")
 
 An echo process — on another device at its daemon's request (the Echo RPC), or a second process of
 this device — gets ``{"role": "echo", "state_dir", "threads", "host"?, "peer": ["host:port",
