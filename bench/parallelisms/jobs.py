@@ -121,6 +121,8 @@ class JobOutcome:
     message_ms: list[float | None] = field(default_factory=list)
     """Per host, the milliseconds per message hop its profiles answered the plan (`pooled_message_costs`),
     read after the job; None where none was measured."""
+    message_ns_per_byte: list[float | None] = field(default_factory=list)
+    """Per host, the nanoseconds each byte adds to a hop, read with ``message_ms``."""
     forecast_busy_seconds: list[float | None] = field(default_factory=list)
     """Per host, the seconds of one step the plan's forecast (`cetctl plan`, asked before the job) has the
     device busy; None for a host the plan leaves out. Beside `busy_seconds`, it shows which device's
@@ -206,7 +208,7 @@ def run_job(testbed: Testbed, *, model: str, folder: Path, data: Path, paralleli
     stderr = process.stderr.read().strip() if process.stderr else ""
     outcome.wall_seconds = time.monotonic() - started
     outcome.memory_peak_bytes = testbed.memory_peaks()
-    outcome.message_ms = _message_ms(testbed)
+    outcome.message_ms, outcome.message_ns_per_byte = _message_costs(testbed)
     events = [json.loads(text) for _, text in lines]
     _summarise(outcome, testbed, events, readings, settings)
     if outcome.status == "timeout":
@@ -276,13 +278,16 @@ def _links(testbed: Testbed) -> dict[int, list[float]]:
             for p in peers if p["device_id"] in testbed.host_of_device and p["link"]["bandwidth_bytes_per_second"]}
 
 
-def _message_ms(testbed: Testbed) -> list[float | None]:
+def _message_costs(testbed: Testbed) -> tuple[list[float | None], list[float | None]]:
+    """Per host, the pooled milliseconds per hop and nanoseconds per byte (None where none was measured)."""
     hosts: list[float | None] = [None] * len(testbed.household.daemons)
+    per_byte: list[float | None] = [None] * len(testbed.household.daemons)
     for daemon in testbed.household.daemons:
         pooled = pooled_message_costs(daemon.state_dir / PROFILES_DIR)
         if pooled is not None:
-            hosts[testbed.host_of_device[str(daemon.device_id)]] = round(pooled[0] * 1e3, 3)
-    return hosts
+            host = testbed.host_of_device[str(daemon.device_id)]
+            hosts[host], per_byte[host] = round(pooled[0] * 1e3, 3), round(pooled[1] * 1e9, 3)
+    return hosts, per_byte
 
 
 def _cancel_running(testbed: Testbed, events: list[dict[str, Any]]) -> None:
