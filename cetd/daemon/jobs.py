@@ -72,8 +72,8 @@ def echo_order(me: str, capabilities: Mapping[str, Capabilities], live: Iterable
     others wait for, so it waits least, as it does against the fastest echo. A fast device also starts the
     echo's process sooner, which shortens every profile. Before, the echo was the first device by ID: which
     one a device got depended on random identifiers. On the study's testbed the host at a fifth of a core
-    timed 3.9–4.7 ms per hop against the host at 0.8 of a core (four runs) and 3.4 and 5.5 ms against a
-    host at 0.4 (two runs; `bench.collectives`): too few runs to rank the two by their figure.
+    timed 3.9–9.6 ms per hop against the host at 0.8 of a core (five runs) and 3.4 and 5.5 ms against a
+    host at 0.4 (two runs; `bench.collectives`): the echo's speed does not show above that noise.
     """
     mine = capabilities[me].machine if me in capabilities else ""
 
