@@ -1,6 +1,6 @@
 """One ring member of `bench.collectives.run`, inside its host's namespace and CPU-capped cgroup.
 
-    python -m bench.collectives.member RANK HOST_IP WORKDIR NUMEL REPEATS
+    python -m bench.collectives.member RANK HOST_IP WORKDIR NUMEL REPEATS ECHOES
     python -m bench.collectives.member echo RANK WORKDIR ADDRESS     (the profile's far end, started by a member)
 
 Prints nothing; writes ``WORKDIR/result<RANK>.json``:
@@ -8,6 +8,10 @@ Prints nothing; writes ``WORKDIR/result<RANK>.json``:
 - ``message_seconds``, ``byte_seconds``: the daemon's own transport profile of this device
   (`cetd.runtime.transport_profile.profile_transport` against an echo in a second process, both on 127.0.0.1,
   both ends' CPU over the device's share of a core), which the cost model paces rings by;
+- ``remote_message_seconds``, ``remote_byte_seconds``: the profile the daemon takes where another device
+  echoes: against an echo on host ``ECHOES[RANK]`` (a comma-separated host per member; the run picks the
+  fastest other host, as `cetd.daemon.jobs.echo_order` does), this end's CPU over its share
+  (`near_hop_seconds`), one member at a time as the daemon's profiler takes the devices of one machine;
 - ``cpu_share``: that share, CPU-seconds per wall second on a compute loop (so ``message_seconds ×
   cpu_share`` is the profile's CPU per hop, to set beside the ring's);
 - ``pair_round_seconds``, ``pair_round_cpu``: one member's ring round when both members of a 2-member
@@ -29,13 +33,20 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from cetd.ids import JobId
 from cetd.runtime.collectives import all_reduce_
 from cetd.runtime.timing import cpu_seconds
-from cetd.runtime.transport_profile import PhaseCost, echo_transport, hop_cpu_seconds, profile_transport
+from cetd.runtime.transport_profile import (
+    PhaseCost,
+    echo_transport,
+    hop_cpu_seconds,
+    near_hop_seconds,
+    profile_transport,
+)
 from cetd.transport.channel import TensorKey
 from cetd.transport.tensor_channel import GrpcPeerChannel, TensorChannelConfig
 
@@ -46,7 +57,7 @@ WHOLE = 2**40
 """A ``ring_min_bytes`` above any tensor here: exchanged whole."""
 
 
-def main(rank: int, ip: str, workdir: Path, numel: int, repeats: int) -> None:
+def main(rank: int, ip: str, workdir: Path, numel: int, repeats: int, echoes: list[int]) -> None:
     torch.set_num_threads(1)
     devices = pickle.loads((workdir / "tls.pkl").read_bytes())
     me, world = devices[rank], len(devices)
@@ -62,6 +73,8 @@ def main(rank: int, ip: str, workdir: Path, numel: int, repeats: int) -> None:
         result["cpu_share"] = share
         result["message_seconds"], result["byte_seconds"] = _profile_against_echo(rank, workdir, near, me.tls_name,
                                                                                   share)
+    result["remote_message_seconds"], result["remote_byte_seconds"] = _profile_across_hosts(
+        rank, ip, workdir, devices, config, share, echoes)
     with channel(0, 2, "pair", "127.0.0.1") as near, channel(1, 2, "pair", "127.0.0.1") as far:
         near.connect({1: (far.address, me.tls_name)})
         far.connect({0: (near.address, me.tls_name)})
@@ -156,6 +169,42 @@ def _profile_against_echo(rank: int, workdir: Path, near: GrpcPeerChannel, tls_n
     return hop_cpu_seconds(timed, far, share)
 
 
+def _profile_across_hosts(rank: int, ip: str, workdir: Path, devices: list[Any], config: TensorChannelConfig,
+                          share: float, echoes: list[int]) -> tuple[float, float]:
+    """Every member in turn times its transport against the echo on host ``echoes[member]``; this member
+    takes its turn, echoes for the members that chose it, and waits out the others'."""
+    me = devices[rank]
+
+    def wait_for(path: Path) -> str:
+        while not path.exists():
+            time.sleep(0.02)
+        return path.read_text()
+
+    def publish(path: Path, text: str) -> None:
+        path.with_suffix(".tmp").write_text(text)
+        path.with_suffix(".tmp").rename(path)
+
+    def channel(end: int, turn: int) -> GrpcPeerChannel:
+        return GrpcPeerChannel(rank=end, world_size=2, job_id=JobId(f"remote{turn}"), tls=me.tls,
+                               authorize=lambda pem: True, host=ip, config=config)
+
+    costs = (0.0, 0.0)
+    for turn in range(len(devices)):
+        if turn == rank:
+            with channel(0, turn) as near:
+                publish(workdir / f"remote-near{turn}", near.address)
+                near.connect({1: (wait_for(workdir / f"remote-echo{turn}"), devices[echoes[turn]].tls_name)})
+                costs = near_hop_seconds(profile_transport(near, 1), share)
+            publish(workdir / f"remote-done{turn}", "")
+        elif echoes[turn] == rank:
+            with channel(1, turn) as far:
+                publish(workdir / f"remote-echo{turn}", far.address)
+                far.connect({0: (wait_for(workdir / f"remote-near{turn}"), devices[turn].tls_name)})
+                echo_transport(far, 0)
+        wait_for(workdir / f"remote-done{turn}")
+    return costs
+
+
 def echo(rank: int, workdir: Path, address: str) -> None:
     devices = pickle.loads((workdir / "tls.pkl").read_bytes())
     me = devices[rank]
@@ -173,4 +222,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "echo":
         echo(int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
     else:
-        main(int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        main(int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
+             [int(e) for e in sys.argv[6].split(",")])
