@@ -193,9 +193,10 @@ class ShapeProfiles:
         if query.transport_only and query.measure and self._enabled and found.message_seconds > 0:
             async with self.lock:
                 await self._lent_echo_done()
-                samples = self._pooled_transport(found).transport_samples
-                if samples < TRANSPORT_SAMPLES and not self._busy():
-                    await self._measure_transport(key, found)
+                pooled = self._pooled_transport(found)
+                if pooled.transport_samples >= TRANSPORT_SAMPLES or self._busy():
+                    return pooled
+                await self._measure_transport(key, found)
         return self._pooled_transport(found)
 
     async def _profiler(self, launch: dict[str, object]) -> dict[str, object]:
@@ -421,16 +422,18 @@ async def gather_shape_times(devices: Iterable[str], query: ProfileQuery, ask: A
     async def in_turn(group: list[str]) -> dict[str, ShapeTimes | None]:
         answers = {device_id: await one(device_id, query) for device_id in group}
         again = replace(query, transport_only=True)
+        stopped: set[str] = set()  # answered no more timings when asked: asked no more
         for _ in range(TRANSPORT_SAMPLES - 1):
-            short = [d for d in group if answers[d][0] is not None and 0 < answers[d][1] < TRANSPORT_SAMPLES]
+            short = [d for d in group if answers[d][0] is not None and 0 < answers[d][1] < TRANSPORT_SAMPLES
+                     and d not in stopped]
             if not query.measure or not short:
                 break
             for device_id in short:
                 times, samples = await one(device_id, again)
                 if times is None or samples <= answers[device_id][1]:
-                    answers[device_id] = (times or answers[device_id][0], TRANSPORT_SAMPLES)  # no more from it
-                else:
-                    answers[device_id] = (times, samples)
+                    stopped.add(device_id)
+                    times, samples = times or answers[device_id][0], answers[device_id][1]
+                answers[device_id] = (times, samples)
         return {device_id: times for device_id, (times, _) in answers.items()}
 
     found: dict[str, ShapeTimes] = {}
