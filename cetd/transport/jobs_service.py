@@ -34,6 +34,9 @@ PLAN_TIMEOUT = timedelta(minutes=15)
 """How long `cetctl plan` waits for the coordinator: a model's first plan of the week times every device's
 shapes and then its transport twice more (`cetd.daemon.shape_profiles`), one device at a time where daemons
 share a machine; four at 0.45 of a core on the study's testbed took 4.7 minutes."""
+LAUNCH_TIMEOUT = PLAN_TIMEOUT + timedelta(minutes=3)
+"""How long a submitter waits for the coordinator to launch its job: the same plan (a fresh household's first
+`cetctl train` times every device as `cetctl plan` would), then the workers' start."""
 
 
 class JobsHandler(Protocol):
@@ -189,7 +192,7 @@ class JobsClient:
         return codec.status_from_wire(reply)
 
     async def launch(self, job_id: str, spec_json: str, description_json: str, exclude: tuple[str, ...] = (),
-                     resume: bool = False, timeout: timedelta = timedelta(minutes=3)) -> LaunchResult:
+                     resume: bool = False, timeout: timedelta = LAUNCH_TIMEOUT) -> LaunchResult:
         request = pb.LaunchRequest(job_id=job_id, spec_json=spec_json, description_json=description_json,
                                    exclude=list(exclude), resume=resume)
         reply = await call_rpc(self._target, self._stub.Launch(request, timeout=timeout.total_seconds()))
