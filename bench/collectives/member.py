@@ -10,7 +10,7 @@ Prints nothing; writes ``WORKDIR/result<RANK>.json``:
   both ends' CPU over the device's share of a core), which the cost model paces rings by;
 - ``remote_message_seconds``, ``remote_byte_seconds``: the profile the daemon takes where another device
   echoes: against an echo on host ``ECHOES[RANK]`` (a comma-separated host per member; the run picks the
-  fastest other host, as `cetd.daemon.jobs.echo_order` does), this end's CPU over its share
+  fastest other host, as `cetd.daemon.shape_profiles.echo_order` does), this end's CPU over its share
   (`near_hop_seconds`), one member at a time as the daemon's profiler takes the devices of one machine;
 - ``cpu_share``: that share, CPU-seconds per wall second on a compute loop (so ``message_seconds ×
   cpu_share`` is the profile's CPU per hop, to set beside the ring's);

@@ -91,7 +91,7 @@ def measure(device_set: DeviceSet, numel: int, repeats: int) -> list[dict[str, f
 
 def echo_host(fractions: tuple[float, ...], host: int) -> int:
     """The host that echoes ``host``'s cross-host profile: the fastest other one, the first of equals (as
-    `cetd.daemon.jobs.echo_order` orders the testbed's devices, which share one machine)."""
+    `cetd.daemon.shape_profiles.echo_order` orders the testbed's devices, which share one machine)."""
     return min((h for h in range(len(fractions)) if h != host), key=lambda h: (-fractions[h], h))
 
 

@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
@@ -51,7 +51,7 @@ from .job_store import JobStore, StoredJob
 from .job_supervisor import JobRecord, JobSupervisor
 from .local_workers import LocalWorkers
 from .planning_inputs import energy_model, member_offers, peer_map, planning_inputs
-from .shape_profiles import EchoFound, ShapeProfiles
+from .shape_profiles import EchoFound, ShapeProfiles, echo_order
 
 logger = logging.getLogger(__name__)
 
@@ -60,30 +60,6 @@ ECHO_ASK_TIMEOUT = timedelta(minutes=4)
 """Longest a device waits for another to start an echo of its transport profile (a fresh process imports torch)."""
 LAUNCH_TERMS = 3
 """Coordinators a job's launch is asked of, one after another, when the household elects a new one meanwhile."""
-
-
-def echo_order(me: str, capabilities: Mapping[str, Capabilities], live: Iterable[str]) -> list[str]:
-    """The live devices to ask, in turn, to echo ``me``'s transport profile: those on another machine first
-    (a job's hop crosses machines, and an echo sharing this one's CPU would take from what is timed), then
-    the fastest by their reference block (unprofiled last), then by device ID.
-
-    The profile times this device's CPU per hop while it waits for each echo, and waiting costs the
-    waiting side CPU too (gRPC's threads wake and sleep); in a job the costliest device is the one the
-    others wait for, so it waits least, as it does against the fastest echo. A fast device also starts the
-    echo's process sooner, which shortens every profile. Before, the echo was the first device by ID: which
-    one a device got depended on random identifiers. On the study's testbed the host at a fifth of a core
-    timed 3.9–9.6 ms per hop against the host at 0.8 of a core (five runs) and 3.4 and 5.5 ms against a
-    host at 0.4 (two runs; `bench.collectives`): the echo's speed does not show above that noise.
-    """
-    mine = capabilities[me].machine if me in capabilities else ""
-
-    def key(device_id: str) -> tuple[bool, bool, float, str]:
-        theirs = capabilities.get(device_id)
-        block = theirs.block_seconds if theirs is not None else 0.0
-        same = bool(mine) and theirs is not None and theirs.machine == mine
-        return same, block <= 0, block, device_id
-
-    return sorted((d for d in set(live) if d != me), key=key)
 
 
 class JobManager:
@@ -124,10 +100,6 @@ class JobManager:
 
     def live_devices(self) -> set[str]:
         return {o.device_id for o in member_offers(self._node)}
-
-    def _machines(self) -> dict[str, str]:
-        """Device ID → its `Capabilities.machine`, for every live device."""
-        return {device_id: capabilities.machine for device_id, capabilities in self._capabilities().items()}
 
     def _capabilities(self) -> dict[str, Capabilities]:
         """Device ID → its advertised `Capabilities`, for every live device."""
@@ -410,7 +382,8 @@ class JobManager:
         """Every live device's offer for this job, with its times for the job's own shapes; with ``measure``,
         devices time shapes they have not timed, and links never measured are probed first."""
         live = self.live_devices()
-        shapes = await self.shapes.gather(live, description_json, spec, measure=measure, machines=self._machines())
+        machines = {d: c.machine for d, c in self._capabilities().items()}
+        shapes = await self.shapes.gather(live, description_json, spec, measure=measure, machines=machines)
         if measure:
             await self._node.measure_missing_links(live)
         return member_offers(self._node, description, spec.seq_len, shapes)

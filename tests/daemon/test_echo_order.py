@@ -1,8 +1,8 @@
-"""Which device a transport profile's echo is asked of first (`cetd.daemon.jobs.echo_order`)."""
+"""Which device a transport profile's echo is asked of first (`cetd.daemon.shape_profiles.echo_order`)."""
 
 from __future__ import annotations
 
-from cetd.daemon.jobs import echo_order
+from cetd.daemon.shape_profiles import echo_order
 from cetd.transport.peer_info import Capabilities
 
 
