@@ -175,15 +175,6 @@ def _profile_across_hosts(rank: int, ip: str, workdir: Path, devices: list[Any],
     takes its turn, echoes for the members that chose it, and waits out the others'."""
     me = devices[rank]
 
-    def wait_for(path: Path) -> str:
-        while not path.exists():
-            time.sleep(0.02)
-        return path.read_text()
-
-    def publish(path: Path, text: str) -> None:
-        path.with_suffix(".tmp").write_text(text)
-        path.with_suffix(".tmp").rename(path)
-
     def channel(end: int, turn: int) -> GrpcPeerChannel:
         return GrpcPeerChannel(rank=end, world_size=2, job_id=JobId(f"remote{turn}"), tls=me.tls,
                                authorize=lambda pem: True, host=ip, config=config)
@@ -192,17 +183,30 @@ def _profile_across_hosts(rank: int, ip: str, workdir: Path, devices: list[Any],
     for turn in range(len(devices)):
         if turn == rank:
             with channel(0, turn) as near:
-                publish(workdir / f"remote-near{turn}", near.address)
-                near.connect({1: (wait_for(workdir / f"remote-echo{turn}"), devices[echoes[turn]].tls_name)})
+                _publish(workdir / f"remote-near{turn}", near.address)
+                near.connect({1: (_wait_for(workdir / f"remote-echo{turn}"), devices[echoes[turn]].tls_name)})
                 costs = near_hop_seconds(profile_transport(near, 1), share)
-            publish(workdir / f"remote-done{turn}", "")
+            _publish(workdir / f"remote-done{turn}", "")
         elif echoes[turn] == rank:
             with channel(1, turn) as far:
-                publish(workdir / f"remote-echo{turn}", far.address)
-                far.connect({0: (wait_for(workdir / f"remote-near{turn}"), devices[turn].tls_name)})
+                _publish(workdir / f"remote-echo{turn}", far.address)
+                far.connect({0: (_wait_for(workdir / f"remote-near{turn}"), devices[turn].tls_name)})
                 echo_transport(far, 0)
-        wait_for(workdir / f"remote-done{turn}")
+        _wait_for(workdir / f"remote-done{turn}")
     return costs
+
+
+def _wait_for(path: Path) -> str:
+    """The text of a file another member publishes (`_publish`), once it exists."""
+    while not path.exists():
+        time.sleep(0.02)
+    return path.read_text()
+
+
+def _publish(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole (a rename), for another process to wait for."""
+    path.with_suffix(".tmp").write_text(text)
+    path.with_suffix(".tmp").rename(path)
 
 
 def echo(rank: int, workdir: Path, address: str) -> None:
@@ -210,8 +214,7 @@ def echo(rank: int, workdir: Path, address: str) -> None:
     me = devices[rank]
     with GrpcPeerChannel(rank=1, world_size=2, job_id=JobId("profile"), tls=me.tls, authorize=lambda pem: True,
                          host="127.0.0.1", config=TensorChannelConfig(timeout=TIMEOUT)) as far:
-        (workdir / f"echo{rank}.tmp").write_text(far.address)
-        (workdir / f"echo{rank}.tmp").rename(workdir / f"echo{rank}")
+        _publish(workdir / f"echo{rank}", far.address)
         far.connect({0: (address, me.tls_name)})
         phases = echo_transport(far, 0)
     (workdir / f"echo{rank}.json").write_text(json.dumps({name: {"messages": c.messages, "cpu_seconds": c.cpu_seconds}
