@@ -100,6 +100,8 @@ class JobSupervisor:
         self._samples = 0
         self._usage: dict[str, DeviceUsageTotal] = {}
         """Per device: CPU-seconds, wall seconds and metered joules of the job's processes there."""
+        self._paused_for = ""
+        """The reason of the pause last logged, until a step runs again."""
 
     @property
     def job_id(self) -> str:
@@ -225,6 +227,9 @@ class JobSupervisor:
     def _on_step(self, event: dict[str, Any]) -> None:
         step = StepProgress(step=int(event["step"]), loss=float(event["loss"]), seconds=float(event["seconds"]),
                             samples=int(event["samples"]))
+        if self._paused_for:
+            logger.info("job %s goes on at step %d after a pause (%s)", self.job_id, step.step, self._paused_for)
+            self._paused_for = ""
         self._seconds += step.seconds
         self._samples += step.samples
         self._stored.steps_done = step.step
@@ -367,6 +372,11 @@ class JobSupervisor:
         return ""
 
     def _set_state(self, state: JobState, reason: str) -> None:
+        if state is JobState.PAUSED and reason != self._paused_for:
+            # Once per cause: the job retries every few seconds, and the journal must say why it waits.
+            logger.warning("job %s paused: %s; retrying every %d s", self.job_id, reason,
+                           PAUSE_RETRY.total_seconds())
+            self._paused_for = reason
         self._stored.state = state.value
         self._stored.reason = reason
         self._record.update(state=state, reason=reason)

@@ -64,6 +64,9 @@ def test_full_disk_pauses_then_resumes_with_nothing_lost(tmp_path: Path, tmpfs: 
         job = wait_until(lambda: (j := submitter.job(job_id))["state"] == "paused" and j, 60, interval=0.05,
                          what="the job to pause")
         assert "no space left" in job["reason"], job["reason"]
+        paused = [line for line in submitter.log_path.read_text().splitlines() if f"job {job_id} paused: " in line]
+        assert paused, submitter.log()
+        assert "no space left on device" in paused[0], paused[0]
         # Nothing incomplete is marked complete: every manifest on the disk names shards that verify.
         from cetd.runtime.checkpoint import complete_checkpoints, verify
 
@@ -73,6 +76,7 @@ def test_full_disk_pauses_then_resumes_with_nothing_lost(tmp_path: Path, tmpfs: 
         stdout, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr
         events = [first, *(json.loads(line) for line in stdout.splitlines() if line.strip())]
+        assert f"job {job_id} goes on at step " in submitter.log_path.read_text(), submitter.log()
     ref_losses, ref_state, _ = reference_run("gpt2-tiny", data, steps=STEPS, seed=3)
     steps = [e for e in events if e.get("event") == "step"]
     assert {e["step"] for e in steps} == set(range(1, STEPS + 1))
