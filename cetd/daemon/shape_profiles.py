@@ -22,10 +22,19 @@ another device, where there are any: on the study's testbed one device at a fift
 3.1 ms), and a tensor-parallel forecast is little else than that figure times its hops. One timing
 alone swings as much: four alike devices at 0.45 of a core measured 1.6–3.0 ms per hop, each of them
 several times minutes apart, and a slow spell lasts longer than a timing (3 s of messages, in 15
-windows, ran high throughout). So while a device has fewer than `TRANSPORT_SAMPLES` fresh timings, the
-coordinator asks it to time the transport alone again (``transport_only``) once every device of the
-machine has answered (`gather_shape_times`): the first plan of a week already prices its messages at
-a median of timings minutes apart, not at whichever spell its one profile fell in.
+windows, ran high throughout). So while a device has fewer than `TIMINGS` fresh timings, the
+coordinator asks it to time them again (``again``) once every device of the machine has answered
+(`gather_shape_times`): the first plan of a week already prices its messages at a median of timings
+minutes apart, not at whichever spell its one profile fell in.
+
+The block, too, is the median of `TIMINGS` timings minutes apart (`pooled_block`): each time-again times
+the shape's block alone (`cetd.runtime.profiling.time_block`; the embedding, head and AdamW step stay
+as profiled, in blocks or per parameter) before the transport, and once the transport has its timings
+from earlier shapes, the block alone. In the study of 2026-11-27 four alike hosts at 0.45 of a core
+profiled OPT-350m's block at 1.93, 2.81, 2.84 and 3.47 ms (the study before: 1.71–2.07), and the
+jobs' forecasts followed those one-off figures: heterogeneous GPT-2 large's two hosts at 0.4 of a core
+timed 5.11 and 4.91 ms against 3.76 and 3.61, and its tensor and pipeline forecasts came out 33% and
+31% high.
 
 A device that cannot answer in time is planned with its reference block scaled by FLOPs
 (`cetd.daemon.planning_inputs.scale_block_seconds`), as before. Re-plans after a failure ask the
@@ -57,7 +66,8 @@ from cetd.transport.peer_info import Capabilities
 
 from .job_process import JobProcess
 
-__all__ = ["EchoFound", "ShapeProfiles", "echo_order", "gather_shape_times", "pooled_message_costs", "shape_key"]
+__all__ = ["EchoFound", "ShapeProfiles", "echo_order", "gather_shape_times", "pooled_block", "pooled_message_costs",
+           "shape_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +85,12 @@ ECHO_RETRY_SECONDS = (2.0, 4.0)
 """Pause between those asks, drawn at random so that two devices do not ask each other in lockstep."""
 ASK_TIMEOUT = timedelta(minutes=4)
 """Longest the coordinator waits for all devices' answers before planning without the missing ones."""
-TRANSPORT_SAMPLES = 3
-"""Fresh transport timings a device's message costs are the median of, before the coordinator plans on them."""
-TRANSPORT_DIR = "transport"
-"""The profiles folder's subfolder of transport-only timings (each: the shape's times with its message costs)."""
+TIMINGS = 3
+"""Fresh timings a device's block and message costs are each the median of, before the coordinator plans on
+them."""
+RETIMED_DIR = "transport"
+"""The profiles folder's subfolder of re-timings, ``<key>-<ns>.json`` (each: the shape's times with its block and
+message costs timed again; named when they timed the transport alone)."""
 
 
 def shape_key(description: ModelDescription, *, micro_batch: int, seq_len: int, precision: str, threads: int) -> str:
@@ -183,14 +195,16 @@ class ShapeProfiles:
         """The stored times for ``key`` when fresh, else None (a damaged file counts as none)."""
         return _read_fresh(self._dir / f"{key}.json")
 
-    def _pooled_transport(self, times: ShapeTimes) -> ProfileAnswer:
-        """``times`` with the message costs every fresh profile here measured, each the median of them."""
+    def _pooled(self, key: str, times: ShapeTimes) -> ProfileAnswer:
+        """``times`` (shape ``key``'s profile) with its block the median of its fresh timings here
+        (`pooled_block`), and the message costs every fresh profile here measured, each the median of them."""
+        block, block_samples = pooled_block(self._dir, key, times)
         pooled = pooled_message_costs(self._dir) if times.message_seconds > 0 else None
         if pooled is None:
-            return ProfileAnswer(times_json=to_json(times), transport_samples=int(times.message_seconds > 0))
+            return ProfileAnswer(times_json=to_json(block), samples=int(times.message_seconds > 0))
         message, per_byte, samples = pooled
-        return ProfileAnswer(times_json=to_json(replace(times, message_seconds=message, byte_seconds=per_byte)),
-                             transport_samples=samples)
+        return ProfileAnswer(times_json=to_json(replace(block, message_seconds=message, byte_seconds=per_byte)),
+                             samples=min(samples, block_samples))
 
     async def answer(self, query: ProfileQuery) -> ProfileAnswer:
         """The times for the query's shape; measured now when asked to, not cached and idle.
@@ -205,7 +219,7 @@ class ShapeProfiles:
         key = shape_key(description, micro_batch=query.micro_batch, seq_len=query.seq_len,
                         precision=query.precision, threads=self._threads)
         found = self.cached(key)
-        if found is None and query.measure and self._enabled and not query.transport_only:
+        if found is None and query.measure and self._enabled and not query.again:
             async with self.lock:
                 await self._lent_echo_done()
                 found = self.cached(key)  # another request may have measured it meanwhile
@@ -215,14 +229,15 @@ class ShapeProfiles:
                     found = await self._measure(key, query, description)
         if found is None:
             return ProfileAnswer(times_json="", reason="this shape has not been profiled here")
-        if query.transport_only and query.measure and self._enabled and found.message_seconds > 0:
+        if query.again and query.measure and self._enabled and found.message_seconds > 0:
             async with self.lock:
                 await self._lent_echo_done()
-                pooled = self._pooled_transport(found)
-                if pooled.transport_samples >= TRANSPORT_SAMPLES or self._busy():
+                pooled = self._pooled(key, found)
+                if pooled.samples >= TIMINGS or self._busy():
                     return pooled
-                await self._measure_transport(key, found)
-        return self._pooled_transport(found)
+                timed = pooled_message_costs(self._dir)
+                await self._retime(key, found, query, transport=timed is None or timed[2] < TIMINGS)
+        return self._pooled(key, found)
 
     async def _profiler(self, launch: dict[str, object]) -> dict[str, object]:
         """Run a profiler process (`cetd.daemon.worker_main`, role ``profile``), finding it an echo on another
@@ -249,31 +264,42 @@ class ShapeProfiles:
         finally:
             await process.stop()
 
-    async def _measure_transport(self, key: str, shape: ShapeTimes) -> None:
-        """Time the transport alone once more, at ``shape``'s CPU share; stored beside the profiles (as
-        ``shape`` with the new message costs), where `pooled_message_costs` finds it. A failure is logged:
-        the device answers from the timings it has."""
+    async def _retime(self, key: str, shape: ShapeTimes, query: ProfileQuery, *, transport: bool) -> None:
+        """Time ``shape``'s block alone once more, then — with ``transport`` — the transport at the share the
+        block had; stored beside the profiles (as ``shape`` with the new figures; message costs 0 when not
+        timed), where `pooled_block` and `pooled_message_costs` find it. A failure is logged: the device
+        answers from the timings it has."""
         started = time.monotonic()
         try:
-            event = await self._profiler({"transport_only": True, "cpu_share": shape.cpu_share})
-            costs = event["transport"]
-            if not isinstance(costs, dict):
-                raise TypeError(f"the profiler answered {costs!r} for the transport")
-            times = replace(shape, message_seconds=float(costs["message_seconds"]),
-                            byte_seconds=float(costs["byte_seconds"]))
+            event = await self._profiler({"retime": True, "transport": transport, "cpu_share": shape.cpu_share,
+                                          "description": json.loads(query.description_json),
+                                          "micro_batch": query.micro_batch, "seq_len": query.seq_len,
+                                          "precision": query.precision})
+            block, costs = event["block"], event["transport"] if transport else {}
+            if not isinstance(block, dict) or not isinstance(costs, dict):
+                raise TypeError(f"the profiler answered {block!r} for the block and {costs!r} for the transport")
+            times = replace(shape, block_seconds=float(block["block_seconds"]), cpu_share=float(block["cpu_share"]),
+                            message_seconds=float(costs.get("message_seconds", 0.0)),
+                            byte_seconds=float(costs.get("byte_seconds", 0.0)))
         except (JobError, KeyError, TypeError, ValueError) as error:
-            logger.warning("the transport was not timed again: %s", error)
+            logger.warning("the shape's block and the transport were not timed again: %s", error)
+            return
+        if times.block_seconds <= 0:
+            logger.warning("the shape's block timed again at %r s: not kept", times.block_seconds)
             return
         echo = str(event.get("echo", ""))
-        folder = self._dir / TRANSPORT_DIR
+        folder = self._dir / RETIMED_DIR
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         for stale in folder.glob("*.json"):
             if _read_fresh(stale) is None:
                 stale.unlink(missing_ok=True)
         write_file_atomic(folder / f"{key}-{time.time_ns()}.json",
-                          json.dumps({"times": asdict(times), "at": time.time(), "echo": echo}).encode(), 0o600)
-        logger.info("timed the transport again in %.1f s: %.2f ms per message hop, %.2f ns per byte (echo: %s)",
-                    time.monotonic() - started, times.message_seconds * 1e3, times.byte_seconds * 1e9, echo or "none")
+                          json.dumps({"times": asdict(times), "at": time.time(), "echo": echo,
+                                      "block": True}).encode(), 0o600)
+        costs_text = (f"; {times.message_seconds * 1e3:.2f} ms per message hop, {times.byte_seconds * 1e9:.2f} ns "
+                      f"per byte (echo: {echo or 'none'})" if transport else "")
+        logger.info("timed the block again in %.1f s: %.3f ms per block per sample (its profile: %.3f)%s",
+                    time.monotonic() - started, times.block_seconds * 1e3, shape.block_seconds * 1e3, costs_text)
 
     async def _measure(self, key: str, query: ProfileQuery, description: ModelDescription) -> ShapeTimes:
         started = time.monotonic()
@@ -376,14 +402,29 @@ class ShapeProfiles:
             release()
 
 
+def pooled_block(directory: Path, key: str, profile: ShapeTimes) -> tuple[ShapeTimes, int]:
+    """Shape ``key``'s ``profile`` with its block the median of the profile's and this shape's fresh
+    re-timings (`RETIMED_DIR`) in the profiles ``directory`` — its unsplittable part scaled alike, its
+    other pieces (in blocks, or per parameter) as profiled — and how many timings that median is of."""
+    retimed = [times.block_seconds for times, _, block in
+               (_read_record(path) for path in (directory / RETIMED_DIR).glob(f"{key}-*.json"))
+               if block and times is not None and times.block_seconds > 0]
+    if not retimed or profile.block_seconds <= 0:
+        return profile, 1
+    block = statistics.median([profile.block_seconds, *retimed])
+    scale = block / profile.block_seconds
+    return (replace(profile, block_seconds=block, block_fixed_seconds=profile.block_fixed_seconds * scale),
+            1 + len(retimed))
+
+
 def pooled_message_costs(directory: Path) -> tuple[float, float, int] | None:
     """Seconds per hop and per byte as a device answers them, and how many timings they pool: the medians
-    over the fresh profiles in its profiles ``directory`` that timed the transport, and its transport-only
-    timings (`TRANSPORT_DIR`) — those timed against an echo on another device, where there are any (a
+    over the fresh profiles in its profiles ``directory`` that timed the transport, and its re-timings that
+    did (`RETIMED_DIR`) — those timed against an echo on another device, where there are any (a
     lone profile's own figures); None without any."""
-    paths = [*directory.glob("*.json"), *(directory / TRANSPORT_DIR).glob("*.json")]
-    found = [_read_fresh_with_echo(path) for path in paths]
-    timed = [(t, echo) for t, echo in found if t is not None and t.message_seconds > 0]
+    paths = [*directory.glob("*.json"), *(directory / RETIMED_DIR).glob("*.json")]
+    found = [_read_record(path) for path in paths]
+    timed = [(t, echo) for t, echo, _ in found if t is not None and t.message_seconds > 0]
     remote = [t for t, echo in timed if echo == "remote"]
     measured = remote or [t for t, _ in timed]
     if not measured:
@@ -394,18 +435,20 @@ def pooled_message_costs(directory: Path) -> tuple[float, float, int] | None:
 
 def _read_fresh(path: Path) -> ShapeTimes | None:
     """The times stored in ``path`` when fresh, else None (a damaged file counts as none)."""
-    return _read_fresh_with_echo(path)[0]
+    return _read_record(path)[0]
 
 
-def _read_fresh_with_echo(path: Path) -> tuple[ShapeTimes | None, str]:
-    """`_read_fresh`, and where its transport echo ran (``remote``, ``local``; "" in older files)."""
+def _read_record(path: Path) -> tuple[ShapeTimes | None, str, bool]:
+    """`_read_fresh`, where its transport echo ran (``remote``, ``local``; "" in older files), and whether
+    it is a re-timing of the block (a `RETIMED_DIR` file of this version; older ones timed the transport alone)."""
     try:
         data = json.loads(path.read_text())
         if time.time() - float(data["at"]) > REFRESH.total_seconds():
-            return None, ""
-        return from_json(ShapeTimes, json.dumps(data["times"])), str(data.get("echo", ""))
-    except (OSError, ValueError, KeyError, TypeError, JobError):
-        return None, ""
+            return None, "", False
+        return (from_json(ShapeTimes, json.dumps(data["times"])), str(data.get("echo", "")),
+                data.get("block") is True)
+    except (OSError, ValueError, KeyError, TypeError, JobError, AttributeError):
+        return None, "", False
 
 
 Ask = Callable[[str, ProfileQuery], Awaitable[ProfileAnswer]]
@@ -420,8 +463,8 @@ async def gather_shape_times(devices: Iterable[str], query: ProfileQuery, ask: A
 
     Devices on different machines are asked in parallel; devices on one machine (equal non-empty
     ``machines`` entries) one after another, in device-ID order. When the query may measure, a device
-    whose message costs pool fewer than `TRANSPORT_SAMPLES` timings is then asked to time its transport
-    again, once per round over its machine's devices, until it has them (or answers no more).
+    whose block or message costs pool fewer than `TIMINGS` timings is then asked to time them again,
+    once per round over its machine's devices, until it has them (or answers no more).
     """
     ids = sorted(set(devices))
 
@@ -435,7 +478,7 @@ async def gather_shape_times(devices: Iterable[str], query: ProfileQuery, ask: A
             logger.info("no shape profile from %s: %s", device_id, reply.reason)
             return None, 0
         try:
-            return from_json(ShapeTimes, reply.times_json), reply.transport_samples
+            return from_json(ShapeTimes, reply.times_json), reply.samples
         except JobError as error:
             logger.warning("no shape profile from %s: %s", device_id, error)
             return None, 0
@@ -446,10 +489,10 @@ async def gather_shape_times(devices: Iterable[str], query: ProfileQuery, ask: A
 
     async def in_turn(group: list[str]) -> dict[str, ShapeTimes | None]:
         answers = {device_id: await one(device_id, query) for device_id in group}
-        again = replace(query, transport_only=True)
+        again = replace(query, again=True)
         stopped: set[str] = set()  # answered no more timings when asked: asked no more
-        for _ in range(TRANSPORT_SAMPLES - 1):
-            short = [d for d in group if answers[d][0] is not None and 0 < answers[d][1] < TRANSPORT_SAMPLES
+        for _ in range(TIMINGS - 1):
+            short = [d for d in group if answers[d][0] is not None and 0 < answers[d][1] < TIMINGS
                      and d not in stopped]
             if not query.measure or not short:
                 break

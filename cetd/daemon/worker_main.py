@@ -21,14 +21,16 @@ The daemon talks to it over stdin/stdout, one JSON object per line:
 A profiler process:
 
     daemon → process   {"role": "profile", "threads", "description"?, "micro_batch"?, "seq_len"?, "precision"?,
-                        "state_dir"?, "host"?, "remote_echo"?, "transport_only"?, "cpu_share"?}
+                        "state_dir"?, "host"?, "remote_echo"?, "retime"?, "transport"?, "cpu_share"?}
     process → daemon   {"event": "transport", "address": "host:port"}   (with "remote_echo": its profile
                         channel listens; the daemon finds another device to echo it)
     daemon → process   {"echo": ["host:port", "tls-name"] | null}   (null: no device would; echo here)
     process → daemon   {"event": "profiled", "times": {...}, "echo": "remote"|"local"|""} (the model's
                         shapes) | {"event": "profiled", "block_seconds"} (the reference block) |
-                        {"event": "profiled", "transport": {"message_seconds", "byte_seconds"}, "echo"}
-                        (with "transport_only": the transport alone, at the device's "cpu_share")
+                        {"event": "profiled", "block": {"block_seconds", "cpu_share"}?,
+                        "transport": {"message_seconds", "byte_seconds"}?, "echo"} (with "retime": the
+                        shape's block alone when a "description" is given, then — unless "transport" is
+                        false — the transport at the share the block had, else at "cpu_share")
 
 An echo process — on another device at its daemon's request (the Echo RPC), or a second process of
 this device — gets ``{"role": "echo", "state_dir", "threads", "host"?, "peer": ["host:port",
@@ -239,13 +241,8 @@ def run_profile(launch: dict[str, Any], link: DaemonLink) -> None:
     reference transformer block (GPT-2 small's shape, 8 × 32 tokens), forward + backward."""
     import time
 
-    if launch.get("transport_only"):  # before the model libraries: this process needs torch and the transport only
-        try:
-            message, per_byte, echo = _profile_transport(launch, float(launch.get("cpu_share", 0.0)), link)
-        except (CetdError, OSError, KeyError, ValueError, TransportError) as error:
-            emit("failed", reason=f"the transport was not profiled: {error}")
-            return
-        emit("profiled", transport={"message_seconds": message, "byte_seconds": per_byte}, echo=echo)
+    if launch.get("retime"):
+        _retime(launch, link)
         return
     import torch
     from transformers import GPT2Config
@@ -281,6 +278,34 @@ def run_profile(launch: dict[str, Any], link: DaemonLink) -> None:
     # The mean over the passes (≥ 0.5 s in all): the sustained rate, which a CPU quota or a throttled board
     # sets; the fastest single pass would show the unthrottled burst speed instead.
     emit("profiled", block_seconds=sum(times) / len(times) / hidden.shape[0], threads=torch.get_num_threads())
+
+
+def _retime(launch: dict[str, Any], link: DaemonLink) -> None:
+    """A shape's block and the transport timed again, minutes after the shape's profile: the daemon answers
+    with the median of these timings (`cetd.daemon.shape_profiles`)."""
+    share = float(launch.get("cpu_share", 0.0))
+    event: dict[str, Any] = {}
+    if "description" in launch:
+        from cetd.runtime.profiling import time_block
+        from cetd.runtime.worker import torch_dtype
+
+        description = from_json(ModelDescription, json.dumps(launch["description"]))
+        try:
+            block, share = time_block(description, micro_batch=int(launch["micro_batch"]),
+                                      seq_len=int(launch["seq_len"]),
+                                      dtype=torch_dtype(str(launch.get("precision", "float32"))))
+        except (KeyError, ValueError) as error:
+            emit("failed", reason=f"the block was not timed again: {error}")
+            return
+        event["block"] = {"block_seconds": block, "cpu_share": share}
+    if launch.get("transport", True):
+        try:
+            message, per_byte, echo = _profile_transport(launch, share, link)
+        except (CetdError, OSError, KeyError, ValueError, TransportError) as error:
+            emit("failed", reason=f"the transport was not profiled: {error}")
+            return
+        event.update(transport={"message_seconds": message, "byte_seconds": per_byte}, echo=echo)
+    emit("profiled", **event)
 
 
 def _profile_transport(launch: dict[str, Any], cpu_share: float, link: DaemonLink) -> tuple[float, float, str]:

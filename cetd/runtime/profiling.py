@@ -44,7 +44,7 @@ from cetd.runtime.spec import ModelDescription, ShapeTimes
 from cetd.runtime.tensor_parallel import make_tensor_parallel_model
 from cetd.runtime.timing import SUSTAIN_SECONDS, cpu_seconds, rounds
 
-__all__ = ["profile_shape"]
+__all__ = ["profile_shape", "time_block"]
 
 def _batch(description: ModelDescription, micro_batch: int, seq_len: int) -> dict[str, torch.Tensor]:
     vocab = int(description.config.get("vocab_size", 256) or 256)
@@ -70,6 +70,53 @@ def _unsplittable(whole: float, sliced: float, ways: int) -> float:
     return min(max((ways * sliced - whole) / (ways - 1), 0.0), whole)
 
 
+class _Pieces:
+    """A one-block copy of the described model cut into its embedding, block and head, with one micro-batch's
+    fields and the block's input."""
+
+    def __init__(self, description: ModelDescription, micro_batch: int, seq_len: int, dtype: torch.dtype) -> None:
+        if micro_batch < 1 or seq_len < 1:
+            raise ValueError(f"cannot profile a micro-batch of {micro_batch} × {seq_len} tokens")
+        self.model = build_described(description, dtype=dtype, blocks=1)
+        self.adapter = adapter_for(self.model)
+        batch = _batch(description, micro_batch, seq_len)
+        self.embedding = self.adapter.make_stage(self.model, 0, 0, first=True, last=False)
+        self.block = self.adapter.make_stage(self.model, 0, 1, first=False, last=False)
+        self.head = self.adapter.make_stage(self.model, 1, 1, first=False, last=True)
+        keys = self.embedding.batch_keys | self.block.batch_keys | self.head.batch_keys
+        self.fields: Mapping[str, torch.Tensor] = {k: v for k, v in batch.items() if k in keys}
+        with torch.no_grad():
+            self.hidden = self.embedding(None, self.fields).detach()
+
+    def run_block(self) -> None:
+        source = self.hidden.clone().requires_grad_(True)
+        out = self.block(source, self.fields)
+        out.backward(torch.ones_like(out))
+
+
+def time_block(description: ModelDescription, *, micro_batch: int, seq_len: int,
+               dtype: torch.dtype = torch.float32, repeats: int = 5,
+               sustain: float = SUSTAIN_SECONDS) -> tuple[float, float]:
+    """Time ``description``'s block alone, as `profile_shape` times it: seconds per sample, and the CPU share
+    the device gave it meanwhile. A shape's block timed again minutes after its profile
+    (`cetd.daemon.shape_profiles`).
+
+    Raises:
+        ValueError: a shape of zero samples or tokens.
+    """
+    pieces = _Pieces(description, micro_batch, seq_len, dtype)
+    timed, share = _rounds_and_share({"block": pieces.run_block}, repeats, sustain)
+    return statistics.median(timed["block"]) / micro_batch, share
+
+
+def _rounds_and_share(runs: Mapping[str, Callable[[], None]], repeats: int,
+                      sustain: float) -> tuple[dict[str, list[float]], float]:
+    """`rounds`, and the CPU-seconds per wall second this process had meanwhile."""
+    cpu_before, wall_before = cpu_seconds(), time.perf_counter()
+    timed = rounds(runs, repeats, sustain)
+    return timed, (cpu_seconds() - cpu_before) / max(time.perf_counter() - wall_before, 1e-9)
+
+
 def profile_shape(description: ModelDescription, *, micro_batch: int, seq_len: int,
                   dtype: torch.dtype = torch.float32, repeats: int = 5,
                   sustain: float = SUSTAIN_SECONDS) -> ShapeTimes:
@@ -78,23 +125,9 @@ def profile_shape(description: ModelDescription, *, micro_batch: int, seq_len: i
     Raises:
         ValueError: a shape of zero samples or tokens.
     """
-    if micro_batch < 1 or seq_len < 1:
-        raise ValueError(f"cannot profile a micro-batch of {micro_batch} × {seq_len} tokens")
-    model = build_described(description, dtype=dtype, blocks=1)
-    adapter = adapter_for(model)
-    batch = _batch(description, micro_batch, seq_len)
-    embedding = adapter.make_stage(model, 0, 0, first=True, last=False)
-    block = adapter.make_stage(model, 0, 1, first=False, last=False)
-    head = adapter.make_stage(model, 1, 1, first=False, last=True)
-    fields: Mapping[str, torch.Tensor] = {k: v for k, v in batch.items() if k in embedding.batch_keys | block.batch_keys
-                                          | head.batch_keys}
-    with torch.no_grad():
-        hidden = embedding(None, fields).detach()
-
-    def run_block() -> None:
-        source = hidden.clone().requires_grad_(True)
-        out = block(source, fields)
-        out.backward(torch.ones_like(out))
+    pieces = _Pieces(description, micro_batch, seq_len, dtype)
+    model, adapter, fields, hidden = pieces.model, pieces.adapter, pieces.fields, pieces.hidden
+    embedding, block, head, run_block = pieces.embedding, pieces.block, pieces.head, pieces.run_block
 
     def run_embedding() -> None:
         out = embedding(None, fields)
@@ -120,9 +153,7 @@ def profile_shape(description: ModelDescription, *, micro_batch: int, seq_len: i
             torch.autograd.backward(out, grad_tensors=torch.ones_like(out))
 
         runs["slice"] = run_slice
-    cpu_before, wall_before = cpu_seconds(), time.perf_counter()
-    timed = rounds(runs, repeats, sustain)
-    share = (cpu_seconds() - cpu_before) / max(time.perf_counter() - wall_before, 1e-9)
+    timed, share = _rounds_and_share(runs, repeats, sustain)
     whole = timed["block"]
     block_time = statistics.median(whole)
     fixed = (statistics.median(_unsplittable(w, s, ways) for w, s in zip(whole, timed["slice"], strict=True))

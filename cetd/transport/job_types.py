@@ -132,8 +132,9 @@ class ProfileQuery:
     precision: str
     measure: bool
     """Time the shape now when it is not cached (and the device is idle); else answer from the cache."""
-    transport_only: bool = False
-    """Time only the transport once more (the shape is cached): another sample for the device's median."""
+    again: bool = False
+    """Time the shape's block and the transport once more (the shape is cached): another sample for the
+    device's medians."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,8 +143,9 @@ class ProfileAnswer:
 
     times_json: str
     reason: str = ""
-    transport_samples: int = 0
-    """How many fresh transport timings the message costs in ``times_json`` are the median of."""
+    samples: int = 0
+    """How many fresh timings the block and the message costs in ``times_json`` are each the median of, at
+    least (0: the transport was not timed)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -138,10 +138,10 @@ class JobsServicer(pb_grpc.JobsServicer):
     async def Profile(self, request: pb.ProfileRequest, context: Context) -> pb.ProfileResponse:
         query = ProfileQuery(description_json=request.description_json, micro_batch=request.micro_batch,
                              seq_len=request.seq_len, precision=request.precision, measure=request.measure,
-                             transport_only=request.transport_only)
+                             again=request.again)
         result = await answer(context, self._handler.profile(query, CALLER.get()))
         return pb.ProfileResponse(times_json=result.times_json, reason=result.reason,
-                                  transport_samples=result.transport_samples)
+                                  samples=result.samples)
 
     async def Echo(self, request: pb.EchoRequest, context: Context) -> pb.EchoResponse:
         address = await answer(context, self._handler.echo(request.address, CALLER.get()))
@@ -245,9 +245,9 @@ class JobsClient:
     async def profile(self, query: ProfileQuery, timeout: timedelta = timedelta(minutes=2)) -> ProfileAnswer:
         request = pb.ProfileRequest(description_json=query.description_json, micro_batch=query.micro_batch,
                                     seq_len=query.seq_len, precision=query.precision, measure=query.measure,
-                                    transport_only=query.transport_only)
+                                    again=query.again)
         reply = await call_rpc(self._target, self._stub.Profile(request, timeout=timeout.total_seconds()))
-        return ProfileAnswer(times_json=reply.times_json, reason=reply.reason, transport_samples=reply.transport_samples)
+        return ProfileAnswer(times_json=reply.times_json, reason=reply.reason, samples=reply.samples)
 
     async def echo(self, address: str, timeout: timedelta = timedelta(minutes=4)) -> str:
         """Ask this member to echo a transport profile listening at ``address``; its echo's address."""

@@ -566,7 +566,7 @@ class ProfileRequest(_message.Message):
     SEQ_LEN_FIELD_NUMBER: _builtins.int
     PRECISION_FIELD_NUMBER: _builtins.int
     MEASURE_FIELD_NUMBER: _builtins.int
-    TRANSPORT_ONLY_FIELD_NUMBER: _builtins.int
+    AGAIN_FIELD_NUMBER: _builtins.int
     description_json: _builtins.str
     """The model as the submitting device described it (cetd/runtime/spec.py ModelDescription)."""
     micro_batch: _builtins.int
@@ -575,9 +575,10 @@ class ProfileRequest(_message.Message):
     """"float32" or "float64"."""
     measure: _builtins.bool
     """Time the shape now when it is not cached and no job runs on the device; else answer from the cache."""
-    transport_only: _builtins.bool
-    """Time only the transport once more (the shape must be cached here): another of the timings, minutes
-    apart, whose median the device answers as its message costs (cetd/daemon/shape_profiles.py).
+    again: _builtins.bool
+    """Time the shape's block and the transport once more (the shape must be cached here): another of the
+    timings, minutes apart, whose medians the device answers (cetd/daemon/shape_profiles.py). Field 6 was
+    transport_only: a device of that version times the transport alone.
     """
     def __init__(
         self,
@@ -587,11 +588,11 @@ class ProfileRequest(_message.Message):
         seq_len: _builtins.int = ...,
         precision: _builtins.str = ...,
         measure: _builtins.bool = ...,
-        transport_only: _builtins.bool = ...,
+        again: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description_json", b"description_json", "measure", b"measure", "micro_batch", b"micro_batch", "precision", b"precision", "seq_len", b"seq_len", "transport_only", b"transport_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["again", b"again", "description_json", b"description_json", "measure", b"measure", "micro_batch", b"micro_batch", "precision", b"precision", "seq_len", b"seq_len"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -603,22 +604,24 @@ class ProfileResponse(_message.Message):
 
     TIMES_JSON_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
-    TRANSPORT_SAMPLES_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
     times_json: _builtins.str
     """JSON of cetd/runtime/profiling.py ShapeTimes; "" when the device has no measurement (reason says why)."""
     reason: _builtins.str
-    transport_samples: _builtins.int
-    """How many fresh transport timings the answer's message costs are the median of (0: none timed)."""
+    samples: _builtins.int
+    """How many fresh timings the answer's block and message costs are each the median of, at least (0: the
+    transport was not timed). Field 3 was transport_samples: the message costs' count alone.
+    """
     def __init__(
         self,
         *,
         times_json: _builtins.str = ...,
         reason: _builtins.str = ...,
-        transport_samples: _builtins.int = ...,
+        samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "times_json", b"times_json", "transport_samples", b"transport_samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "samples", b"samples", "times_json", b"times_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -16,11 +16,13 @@ import pytest
 from cetd.daemon import shape_profiles
 from cetd.daemon.shape_profiles import (
     PROFILES_DIR,
-    TRANSPORT_DIR,
-    TRANSPORT_SAMPLES,
+    RETIMED_DIR,
+    TIMINGS,
     EchoFound,
     ShapeProfiles,
     gather_shape_times,
+    pooled_block,
+    pooled_message_costs,
 )
 from cetd.errors import CetdError, JobError, UnavailableError
 from cetd.identity import StateDir, init_household
@@ -51,27 +53,37 @@ def test_a_shape_is_measured_once_then_answered_from_the_cache(tmp_path: Path) -
     files = list((tmp_path / PROFILES_DIR).glob("*.json"))
     assert len(files) == 1
     assert files[0].stat().st_mode & 0o777 == 0o600
-    assert first.transport_samples == 1
+    assert first.samples == 1
     assert times.message_seconds > 0
-    # Asked to time the transport alone again: a second real timing, stored beside the profile; the
-    # shape is not measured again.
-    again = asyncio.run(profiles.answer(replace(QUERY, transport_only=True)))
-    assert again.transport_samples == 2
-    [timing] = (tmp_path / PROFILES_DIR / TRANSPORT_DIR).glob("*.json")
+    # Asked to time it again: a second real timing of the block and of the transport, stored beside the
+    # profile; the embedding, head and optimizer are not timed again.
+    again = asyncio.run(profiles.answer(replace(QUERY, again=True)))
+    assert again.samples == 2
+    [timing] = (tmp_path / PROFILES_DIR / RETIMED_DIR).glob("*.json")
+    assert timing.name.startswith(files[0].stem + "-")
     assert timing.stat().st_mode & 0o777 == 0o600
-    retimed = ShapeTimes(**json.loads(timing.read_text())["times"])
+    record = json.loads(timing.read_text())
+    assert record["block"] is True
+    retimed = ShapeTimes(**record["times"])
+    assert retimed.block_seconds > 0
+    assert retimed.cpu_share > 0
     assert retimed.message_seconds > 0
     assert retimed.byte_seconds >= 0
-    assert replace(retimed, message_seconds=0.0, byte_seconds=0.0) == replace(times, message_seconds=0.0,
-                                                                             byte_seconds=0.0)
+    unchanged = ("embedding_blocks", "head_blocks", "optimizer_seconds_per_parameter", "block_fixed_seconds")
+    assert [getattr(retimed, name) for name in unchanged] == [getattr(times, name) for name in unchanged]
+    # Two timings: the block answered is their median (their mean), its unsplittable part scaled alike.
+    answered = _times(again)
+    assert answered.block_seconds == pytest.approx((times.block_seconds + retimed.block_seconds) / 2)
+    assert answered.block_fixed_seconds == pytest.approx(
+        times.block_fixed_seconds * answered.block_seconds / times.block_seconds)
     assert list((tmp_path / PROFILES_DIR).glob("*.json")) == files
     # Busy now, and profiling off on a second instance: both still answer from the cache (message costs:
     # the median of the two timings), and time nothing again.
     busy = ShapeProfiles(tmp_path, threads=1, busy=lambda: True, enabled=False)
     assert asyncio.run(busy.answer(QUERY)).times_json == again.times_json
-    assert asyncio.run(busy.answer(replace(QUERY, transport_only=True))) == again
+    assert asyncio.run(busy.answer(replace(QUERY, again=True))) == again
     assert asyncio.run(ShapeProfiles(tmp_path, threads=1, busy=lambda: True).answer(
-        replace(QUERY, transport_only=True))) == again
+        replace(QUERY, again=True))) == again
     # Another thread count is another measurement: not in the cache, and this device is busy.
     other = ShapeProfiles(tmp_path, threads=2, busy=lambda: True)
     refused = asyncio.run(other.answer(QUERY))
@@ -96,11 +108,14 @@ def test_a_damaged_cache_file_counts_as_none(tmp_path: Path) -> None:
     assert profiles.cached("missing") is None
 
 
-def _store(directory: Path, key: str, times: ShapeTimes, age: timedelta = timedelta(0), echo: str | None = None) -> None:
+def _store(directory: Path, key: str, times: ShapeTimes, age: timedelta = timedelta(0), echo: str | None = None,
+           *, block: bool = False) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    stored = {"times": asdict(times), "at": time.time() - age.total_seconds()}
+    stored: dict[str, object] = {"times": asdict(times), "at": time.time() - age.total_seconds()}
     if echo is not None:
         stored["echo"] = echo
+    if block:
+        stored["block"] = True
     (directory / f"{key}.json").write_text(json.dumps(stored))
 
 
@@ -120,19 +135,45 @@ def test_message_costs_are_the_median_of_every_fresh_profile_here(tmp_path: Path
     _store(directory, "unmeasured", base)  # its transport was not profiled: 0, not a cost
     (directory / "damaged.json").write_text("{not json")
     # A transport-only timing of shape "a" pools like a profile: 5, 8, 11 and 12 ms.
-    _store(directory / TRANSPORT_DIR, "a-1", replace(base, message_seconds=12e-3, byte_seconds=30e-9))
-    pooled = profiles._pooled_transport(profiles.cached("a") or base)
-    assert pooled.transport_samples == 4
+    _store(directory / RETIMED_DIR, "a-1", replace(base, message_seconds=12e-3, byte_seconds=30e-9))
+    pooled = profiles._pooled("a", profiles.cached("a") or base)
+    assert pooled_message_costs(directory) == (pytest.approx(9.5e-3), pytest.approx(19e-9), 4)
+    assert pooled.samples == 1  # the fewer of the two counts: shape "a"'s block was timed once
     # The shape's own block time kept.
     times = _times(pooled)
     assert replace(times, message_seconds=0.0, byte_seconds=0.0) == base
     assert (times.message_seconds, times.byte_seconds) == pytest.approx((9.5e-3, 19e-9))
     # A profile without a transport measurement stays without one; a lone profile keeps its own figures.
-    assert profiles._pooled_transport(base) == ProfileAnswer(times_json=to_json(base), transport_samples=0)
+    assert profiles._pooled("a", base) == ProfileAnswer(times_json=to_json(base), samples=0)
     alone = ShapeProfiles(tmp_path / "alone", threads=1, busy=lambda: True)
     _store(tmp_path / "alone" / PROFILES_DIR, "a", replace(base, message_seconds=11e-3))
-    lone = alone._pooled_transport(replace(base, message_seconds=11e-3))
-    assert (_times(lone).message_seconds, lone.transport_samples) == (11e-3, 1)
+    lone = alone._pooled("a", replace(base, message_seconds=11e-3))
+    assert (_times(lone).message_seconds, lone.samples) == (11e-3, 1)
+
+
+def test_a_block_is_the_median_of_its_shapes_fresh_timings(tmp_path: Path) -> None:
+    directory = tmp_path / PROFILES_DIR
+    profile = ShapeTimes(block_seconds=3.47e-3, block_fixed_seconds=1.0e-3, embedding_blocks=0.1, head_blocks=1.5,
+                         optimizer_seconds_per_parameter=1e-9, message_seconds=2e-3, cpu_share=0.45)
+    _store(directory, "a", profile)
+    assert pooled_block(directory, "a", profile) == (profile, 1)
+    retimed = directory / RETIMED_DIR
+    # Timed again twice (one of them the block alone: no message costs); an older version's re-timing of the
+    # transport alone, a stale one, a damaged one and another shape's are not this block's timings.
+    _store(retimed, "a-1", replace(profile, block_seconds=2.10e-3, message_seconds=0.0), block=True)
+    _store(retimed, "a-2", replace(profile, block_seconds=2.30e-3, cpu_share=0.44), block=True)
+    _store(retimed, "a-3", replace(profile, block_seconds=9.0e-3))
+    _store(retimed, "a-4", replace(profile, block_seconds=1.0e-3), age=timedelta(days=8), block=True)
+    (retimed / "a-5.json").write_text("[]")
+    _store(retimed, "b-1", replace(profile, block_seconds=1.0e-3), block=True)
+    block, samples = pooled_block(directory, "a", profile)
+    assert samples == 3
+    assert block == replace(profile, block_seconds=2.30e-3, block_fixed_seconds=pytest.approx(1.0e-3 * 2.30 / 3.47))
+    # The answer: the pooled block; the messages' median counts the re-timings that timed them (2 of 2 ms,
+    # 9 ms); the fewer of the two counts.
+    answer = ShapeProfiles(tmp_path, threads=1, busy=lambda: True)._pooled("a", profile)
+    assert _times(answer).block_seconds == 2.30e-3
+    assert (_times(answer).message_seconds, answer.samples) == (2e-3, 3)
 
 
 def test_message_costs_timed_against_another_device_are_preferred(tmp_path: Path) -> None:
@@ -145,10 +186,10 @@ def test_message_costs_timed_against_another_device_are_preferred(tmp_path: Path
                       message_seconds=9e-3, byte_seconds=20e-9)
     _store(directory, "old", base)  # written before the echo was recorded
     _store(directory, "here", replace(base, message_seconds=10e-3), echo="local")
-    assert _times(profiles._pooled_transport(base)).message_seconds == 9.5e-3
+    assert _times(profiles._pooled("a", base)).message_seconds == 9.5e-3
     _store(directory, "remote", replace(base, message_seconds=5e-3, byte_seconds=7e-9), echo="remote")
-    pooled = profiles._pooled_transport(base)
-    assert (_times(pooled), pooled.transport_samples) == (replace(base, message_seconds=5e-3, byte_seconds=7e-9), 1)
+    pooled = profiles._pooled("a", base)
+    assert (_times(pooled), pooled.samples) == (replace(base, message_seconds=5e-3, byte_seconds=7e-9), 1)
 
 
 def test_an_echo_is_refused_while_this_device_trains_measures_or_does_not_profile(tmp_path: Path) -> None:
@@ -339,25 +380,25 @@ def test_a_device_with_too_few_transport_timings_is_asked_to_time_it_again_in_ro
     good = ShapeTimes(block_seconds=1e-3, embedding_blocks=0.1, head_blocks=2.0, optimizer_seconds_per_parameter=1e-9,
                       message_seconds=2e-3)
     machines = {"a1": "A", "a2": "A", "b1": "B"}
-    samples = {"a1": 1, "a2": TRANSPORT_SAMPLES, "b1": 1}
+    samples = {"a1": 1, "a2": TIMINGS, "b1": 1}
     asked: list[tuple[str, bool]] = []
 
     async def ask(device_id: str, query: ProfileQuery) -> ProfileAnswer:
-        asked.append((device_id, query.transport_only))
-        if query.transport_only:
+        asked.append((device_id, query.again))
+        if query.again:
             if device_id == "b1":
                 return ProfileAnswer(times_json="", reason="a job runs on this device; not profiled now")
             samples[device_id] += 1
         times = replace(good, message_seconds=good.message_seconds * samples[device_id])
-        return ProfileAnswer(times_json=json.dumps(asdict(times)), transport_samples=samples[device_id])
+        return ProfileAnswer(times_json=json.dumps(asdict(times)), samples=samples[device_id])
 
     found = asyncio.run(gather_shape_times(list(machines), QUERY, ask, machines=machines))
-    assert samples == {"a1": TRANSPORT_SAMPLES, "a2": TRANSPORT_SAMPLES, "b1": 1}
+    assert samples == {"a1": TIMINGS, "a2": TIMINGS, "b1": 1}
     # Each device's latest answer; b1's shape answer stands when it times no more.
-    every = replace(good, message_seconds=2e-3 * TRANSPORT_SAMPLES)
+    every = replace(good, message_seconds=2e-3 * TIMINGS)
     assert found == {"a1": every, "a2": every, "b1": good}
     on_a = [entry for entry in asked if entry[0] != "b1"]
-    assert on_a == [("a1", False), ("a2", False)] + [("a1", True)] * (TRANSPORT_SAMPLES - 1)
+    assert on_a == [("a1", False), ("a2", False)] + [("a1", True)] * (TIMINGS - 1)
     assert [entry for entry in asked if entry[0] == "b1"] == [("b1", False), ("b1", True)]
     # A query that may not measure asks each device once, whatever its timings.
     asked.clear()

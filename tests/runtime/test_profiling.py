@@ -13,7 +13,7 @@ import torch
 from cetd.runtime import timing
 from cetd.runtime.driver import Driver
 from cetd.runtime.models.loading import build_described
-from cetd.runtime.profiling import _median_ratio, _unsplittable, profile_shape
+from cetd.runtime.profiling import _median_ratio, _unsplittable, profile_shape, time_block
 from cetd.runtime.spec import JobSpec, ModelDescription
 from cetd.runtime.timing import rounds, sustained
 from cetd.runtime.transport_profile import (
@@ -47,6 +47,11 @@ def test_every_piece_is_timed_at_the_jobs_shape(tmp_path: Path, model: str) -> N
         assert value > 0
     assert times.block_seconds < 1.0  # one tiny block, per sample, on a CPU core
     assert 0 < times.cpu_share <= 1.5  # one thread: at most about a core's worth per second
+    # The block timed again alone, as the daemon does minutes later: the same piece, per sample.
+    block, share = time_block(description, micro_batch=2, seq_len=16, repeats=2, sustain=0.05)
+    assert math.isfinite(block)
+    assert 0 < block < 1.0
+    assert 0 < share <= 1.5
 
 
 @pytest.mark.timeout(120)
@@ -63,6 +68,8 @@ def test_an_empty_shape_is_refused(tmp_path: Path) -> None:
     description = _describe(tmp_path, "gpt2-tiny")
     with pytest.raises(ValueError, match="cannot profile a micro-batch of 0"):
         profile_shape(description, micro_batch=0, seq_len=16)
+    with pytest.raises(ValueError, match="cannot profile a micro-batch of 2 × 0 tokens"):
+        time_block(description, micro_batch=2, seq_len=0)
 
 
 def _fields(description: ModelDescription) -> dict[str, object]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cetd.daemon.shape_profiles import TRANSPORT_DIR, TRANSPORT_SAMPLES
+from cetd.daemon.shape_profiles import RETIMED_DIR, TIMINGS
 from tests.integration.reference import write_text_data
 from tests.integration.rig import Household, wait_until
 
@@ -27,8 +27,8 @@ def _profiles(state_dir: Path, folder: str = "profiles") -> list[dict[str, objec
 
 
 def _retimed(state_dir: Path) -> list[dict[str, object]]:
-    """The transport timed alone again, after the shape's profile (`TRANSPORT_SAMPLES` in all)."""
-    return _profiles(state_dir, f"profiles/{TRANSPORT_DIR}")
+    """The block and the transport timed again, after each shape's profile (`TIMINGS` in all)."""
+    return _profiles(state_dir, f"profiles/{RETIMED_DIR}")
 
 
 @pytest.mark.timeout(480)
@@ -51,8 +51,9 @@ def test_devices_profiled_at_once_echo_each_other(tmp_path: Path) -> None:
                 # Before the plan, each device timed its transport again until its median had enough timings,
                 # each against the other device too.
                 again = _retimed(daemon.state_dir)
-                assert [s["echo"] for s in again] == ["remote"] * (TRANSPORT_SAMPLES - 1), daemon.log()
+                assert [s["echo"] for s in again] == ["remote"] * (TIMINGS - 1), daemon.log()
                 assert all(s["times"]["message_seconds"] > 0 for s in again)  # type: ignore[index]
+                assert all(s["block"] is True and s["times"]["block_seconds"] > 0 for s in again)  # type: ignore[index]
             # They were profiled at once (two machines): one found the other measuring, and asked again.
             assert any("measures or echoes now" in d.log() for d in house.daemons)
             # Every echo ended and gave its device back: a second shape is measured, and echoed, again.
@@ -60,4 +61,10 @@ def test_devices_profiled_at_once_echo_each_other(tmp_path: Path) -> None:
             assert set(again["speed_source"].values()) == {"measured"}
             for daemon in house.daemons:
                 assert [s["echo"] for s in _profiles(daemon.state_dir)] == ["remote", "remote"], daemon.log()
-                assert len(_retimed(daemon.state_dir)) == TRANSPORT_SAMPLES - 1  # enough: not timed alone again
+                # The transport has its timings: the new shape's block alone is timed again.
+                again = _retimed(daemon.state_dir)
+                assert len(again) == 2 * (TIMINGS - 1), daemon.log()
+                second = [s for s in again if s["echo"] == ""]
+                assert len(second) == TIMINGS - 1, again
+                assert all(s["times"]["message_seconds"] == 0 for s in second)  # type: ignore[index]
+                assert all(s["block"] is True and s["times"]["block_seconds"] > 0 for s in second)  # type: ignore[index]
