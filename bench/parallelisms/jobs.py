@@ -136,31 +136,37 @@ class JobOutcome:
     busy_seconds: list[float | None] = field(default_factory=list)
     """Per host, measured: its CPU-seconds per steady-state step over its CPU fraction (the wall time that
     CPU takes at its cap; a device at its step time was never idle)."""
-    rerun_seconds_per_sample: float | None = None
-    """A job whose forecast missed by more than `MISS`, submitted again at the end of its device set (a fresh
-    plan from the same household): its steady-state s/sample. None where not rerun."""
-    rerun_predicted_seconds_per_sample: float | None = None
+    repeats: list[tuple[float | None, float | None]] = field(default_factory=list)
+    """The same job submitted again in each later pass over the device set (a fresh plan from the same
+    household, tens of minutes after the first): per pass, its measured and its predicted steady-state
+    s/sample (None where that run produced none)."""
 
     @property
     def prediction_error(self) -> float | None:
-        """Predicted over measured steady-state s/sample, minus one."""
+        """The first run's predicted over its measured steady-state s/sample, minus one."""
         return _excess(self.predicted_seconds_per_sample, self.seconds_per_sample)
 
     @property
-    def missed(self) -> bool:
-        """Whether the forecast is off by more than `MISS` either way."""
-        return self.prediction_error is not None and abs(self.prediction_error) > MISS
+    def runs(self) -> list[tuple[float, float]]:
+        """Every run's (measured, predicted) s/sample, the first run's first; runs missing either are left out."""
+        every = [(self.seconds_per_sample, self.predicted_seconds_per_sample), *self.repeats]
+        return [(measured, predicted) for measured, predicted in every if measured and predicted]
 
     @property
-    def rerun_error(self) -> float | None:
-        """The rerun's predicted over its measured s/sample, minus one."""
-        return _excess(self.rerun_predicted_seconds_per_sample, self.rerun_seconds_per_sample)
+    def pooled_error(self) -> float | None:
+        """The runs' mean predicted over their mean measured s/sample, minus one: the forecast against the
+        job's step time as measured over runs tens of minutes apart, not in one spell of the machine."""
+        runs = self.runs
+        if not runs:
+            return None
+        return _excess(sum(p for _, p in runs) / len(runs), sum(m for m, _ in runs) / len(runs))
 
     @property
-    def rerun_drift(self) -> float | None:
-        """The rerun's measured over the first run's measured s/sample, minus one: how far the same job on the
-        same devices moved between two runs minutes apart, which no forecast made before either can follow."""
-        return _excess(self.rerun_seconds_per_sample, self.seconds_per_sample)
+    def spread(self) -> float | None:
+        """The slowest run's measured s/sample over the fastest's, minus one: how far the same job on the
+        same devices moved between runs, which no forecast made before them can follow. None for one run."""
+        measured = [m for m, _ in self.runs]
+        return max(measured) / min(measured) - 1 if len(measured) > 1 else None
 
 
 def _excess(value: float | None, reference: float | None) -> float | None:

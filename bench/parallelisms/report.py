@@ -37,11 +37,13 @@ def _placement(outcome: JobOutcome) -> str:
     return " ".join(f"h{w['host']}·{w['cpu_fraction']:.0%}" for w in outcome.workers)
 
 
-def _rerun(outcome: JobOutcome) -> str:
-    error, drift = outcome.rerun_error, outcome.rerun_drift
-    if error is None or drift is None:
-        return ""
-    return f"{error:+.0%} · {drift:+.0%}"
+def _runs(outcome: JobOutcome) -> str:
+    """Every run's forecast error, then the pooled error and how far the runs' measurements spread."""
+    runs, pooled, spread = outcome.runs, outcome.pooled_error, outcome.spread
+    if pooled is None:
+        return "—"
+    each = " ".join(f"{p / m - 1:+.0%}" for m, p in runs)
+    return each if spread is None else f"{each} → {pooled:+.0%} · {spread:.0%}"
 
 
 def print_tables(outcomes: Sequence[JobOutcome], console: Console) -> None:
@@ -49,17 +51,16 @@ def print_tables(outcomes: Sequence[JobOutcome], console: Console) -> None:
     for device_set in dict.fromkeys(o.device_set for o in outcomes):
         table = Table(title=f"{device_set} devices — steady state (steps 2..N)")
         for column in ("model", "parallelism", "status", "s/sample", "J/sample (bench)", "s/sample (cetctl)",
-                       "J/sample (cetctl)", "predicted s/sample", "pred. error", "rerun: error · moved",
+                       "J/sample (cetctl)", "predicted s/sample", "error per run → pooled · spread",
                        "placement host·CPU[:blocks]"):
             table.add_column(column, justify="left" if column in ("model", "parallelism", "status") else "right")
         rows = [o for o in outcomes if o.device_set == device_set]
         for outcome in rows:
-            error = outcome.prediction_error
             status = outcome.status if outcome.status == "ok" else f"[red]{outcome.status.upper()}[/]"
             table.add_row(outcome.model, outcome.parallelism, status, _number(outcome.seconds_per_sample),
                           _number(outcome.bench_joules_per_sample), _number(outcome.product_seconds_per_sample),
                           _number(outcome.product_joules_per_sample), _number(outcome.predicted_seconds_per_sample),
-                          "—" if error is None else f"{error:+.0%}", _rerun(outcome), _placement(outcome))
+                          _runs(outcome), _placement(outcome))
         console.print(table)
         for model in dict.fromkeys(o.model for o in rows):
             ran = [o for o in rows if o.model == model and o.seconds_per_sample and o.bench_joules_per_sample]
@@ -77,7 +78,8 @@ def print_tables(outcomes: Sequence[JobOutcome], console: Console) -> None:
 
 
 def prediction_summary(outcomes: Sequence[JobOutcome]) -> dict[str, Any]:
-    """Median and range of predicted/measured − 1, per parallelism and overall."""
+    """Median and range of predicted/measured − 1 over each job's runs (`JobOutcome.pooled_error`), per
+    parallelism and overall; the same over first runs alone (``first_run``); how far runs spread."""
     def stats(errors: list[float]) -> dict[str, Any]:
         if not errors:
             return {"jobs": 0}
@@ -88,21 +90,20 @@ def prediction_summary(outcomes: Sequence[JobOutcome]) -> dict[str, Any]:
                 "median_abs": sorted(abs(e) for e in errors)[middle],
                 "within": sum(abs(e) <= MISS for e in errors)}
 
-    summary = {p: stats([e for o in outcomes if o.parallelism == p and (e := o.prediction_error) is not None])
+    summary = {p: stats([e for o in outcomes if o.parallelism == p and (e := o.pooled_error) is not None])
                for p in PARALLELISMS}
-    summary["all"] = stats([e for o in outcomes if (e := o.prediction_error) is not None])
-    reran = [(o.rerun_error, o.rerun_drift) for o in outcomes if o.rerun_error is not None and o.rerun_drift is not None]
-    summary["reruns"] = {"jobs": len(reran)} if not reran else {
-        "jobs": len(reran), "error_min": min(e for e, _ in reran), "error_max": max(e for e, _ in reran),
-        "drift_min": min(d for _, d in reran), "drift_max": max(d for _, d in reran),
-        "within": sum(abs(e) <= MISS for e, _ in reran)}
+    summary["all"] = stats([e for o in outcomes if (e := o.pooled_error) is not None])
+    summary["first_run"] = stats([e for o in outcomes if (e := o.prediction_error) is not None])
+    spreads = sorted(s for o in outcomes if (s := o.spread) is not None)
+    summary["spread"] = {"jobs": len(spreads)} if not spreads else {
+        "jobs": len(spreads), "median": spreads[len(spreads) // 2], "max": spreads[-1]}
     return summary
 
 
 def write_json(path: Path, meta: dict[str, Any], outcomes: Sequence[JobOutcome]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    jobs = [{**asdict(o), "prediction_error": o.prediction_error, "rerun_error": o.rerun_error,
-             "rerun_drift": o.rerun_drift} for o in outcomes]
+    jobs = [{**asdict(o), "prediction_error": o.prediction_error, "pooled_error": o.pooled_error,
+             "spread": o.spread} for o in outcomes]
     path.write_text(json.dumps({**meta, "prediction_error": prediction_summary(outcomes), "jobs": jobs}, indent=2)
                     + "\n")
 
