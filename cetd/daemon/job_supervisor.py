@@ -38,7 +38,22 @@ logger = logging.getLogger(__name__)
 
 READY_TIMEOUT = timedelta(minutes=5)
 PAUSE_RETRY = timedelta(seconds=3)
+"""Wait before planning again while the devices a job needs are missing (a failed plan costs little)."""
+PAUSE_RETRY_MAX = timedelta(seconds=60)
+"""Longest wait before relaunching a job whose checkpoints keep failing (`pause_delay`)."""
 MAX_RECOVERIES = 50
+
+
+def pause_delay(pauses: int) -> float:
+    """Seconds to wait before relaunching a job after its ``pauses``-th failed checkpoint in a row.
+
+    Each relaunch plans, starts a worker and loads the model on every device of the plan, and trains up to
+    the next checkpoint: on a disk that stays full that was a relaunch every ~20 s on every device, for as
+    long as nobody made room. So the wait doubles from `PAUSE_RETRY` with every failure in a row, up to
+    `PAUSE_RETRY_MAX`; a checkpoint that completes starts the count again.
+    """
+    doublings = min(max(pauses - 1, 0), 8)
+    return float(min(PAUSE_RETRY.total_seconds() * 2**doublings, PAUSE_RETRY_MAX.total_seconds()))
 
 
 @dataclass
@@ -102,6 +117,8 @@ class JobSupervisor:
         """Per device: CPU-seconds, wall seconds and metered joules of the job's processes there."""
         self._paused_for = ""
         """The reason of the pause last logged, until a step runs again."""
+        self._failed_checkpoints = 0
+        """Pauses for a checkpoint that could not be written, in a row (`pause_delay`)."""
 
     @property
     def job_id(self) -> str:
@@ -168,8 +185,9 @@ class JobSupervisor:
                     raise JobError(fatal[0])
                 resume = bool(self._stored.checkpoints)
                 if outcome == "paused":
+                    self._failed_checkpoints += 1
                     self._set_state(JobState.PAUSED, str(event.get("reason")))
-                    await asyncio.sleep(PAUSE_RETRY.total_seconds())
+                    await asyncio.sleep(pause_delay(self._failed_checkpoints))
                     exclude = set()
                     continue
                 # lost: a device failed or is leaving; the next incarnation resumes without it.
@@ -217,6 +235,7 @@ class JobSupervisor:
                     step=int(event["step"]), at=time.time(), manifest=str(event["manifest"]),
                     term=self._current.term if self._current else 0))
                 self._stored.checkpoints = self._stored.checkpoints[-10:]
+                self._failed_checkpoints = 0
                 self._save()
                 self._maybe_grow()
             elif kind in ("done", "lost", "paused"):
@@ -374,8 +393,10 @@ class JobSupervisor:
     def _set_state(self, state: JobState, reason: str) -> None:
         if state is JobState.PAUSED and reason != self._paused_for:
             # Once per cause: the job retries every few seconds, and the journal must say why it waits.
-            logger.warning("job %s paused: %s; retrying every %d s", self.job_id, reason,
-                           PAUSE_RETRY.total_seconds())
+            retry = (f"retrying in {pause_delay(self._failed_checkpoints):g} s, then less often while it lasts "
+                     f"(at most every {PAUSE_RETRY_MAX.total_seconds():g} s)" if self._failed_checkpoints
+                     else f"retrying every {PAUSE_RETRY.total_seconds():g} s")
+            logger.warning("job %s paused: %s; %s", self.job_id, reason, retry)
             self._paused_for = reason
         self._stored.state = state.value
         self._stored.reason = reason
