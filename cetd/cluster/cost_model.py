@@ -166,11 +166,14 @@ def predict(spec: JobSpec, description: ModelDescription, plan: JobPlan, offers:
         timing = _replicated(spec, description, costs, plan, speed, links, by_id, driving)
     joules: dict[str, float] = {}
     for device_id in timing.memory:
-        offer, profile = by_id[device_id], power_profile(by_id[device_id], profiles)
-        busy_watts = profile.accelerator_watts if offer.accelerator else profile.watts_per_core * offer.cores
-        joules[device_id] = (profile.idle_watts * timing.step + busy_watts * timing.busy[device_id]
-                             + timing.sent[device_id] * profile.joules_per_byte_sent
-                             + timing.received[device_id] * profile.joules_per_byte_received)
+        joules[device_id] = _device_joules(by_id[device_id], profiles, timing.step, timing.busy[device_id],
+                                           timing.sent[device_id], timing.received[device_id])
+    if driving.device is not None and driving.device not in joules:
+        # The device the job was submitted to runs its driver though the plan leaves it out, and the job's
+        # reported joules count it (idle for the step, busy for the driver's CPU): so does the forecast, or
+        # the energy objective would favour a plan for leaving its own submitter out.
+        joules[driving.device] = _device_joules(by_id[driving.device], profiles, timing.step, driving.seconds,
+                                                driving.bytes_sent, driving.bytes_received)
     samples = spec.global_batch
     return Prediction(
         step_seconds=timing.step, seconds_per_sample=timing.step / samples,
@@ -179,6 +182,15 @@ def predict(spec: JobSpec, description: ModelDescription, plan: JobPlan, offers:
         notes=tuple(timing.notes), block_seconds={d: speed[d] for d in timing.memory},
         speed_source={d: speed_source(by_id[d]) for d in timing.memory},
     )
+
+
+def _device_joules(offer: DeviceOffer, profiles: Mapping[str, PowerProfile] | None, step: float, busy: float,
+                   sent: float, received: float) -> float:
+    """One device's joules per step: idle for the step, busy watts for its busy seconds, and its bytes."""
+    profile = power_profile(offer, profiles)
+    busy_watts = profile.accelerator_watts if offer.accelerator else profile.watts_per_core * offer.cores
+    return (profile.idle_watts * step + busy_watts * busy + sent * profile.joules_per_byte_sent
+            + received * profile.joules_per_byte_received)
 
 
 @dataclass(slots=True)

@@ -59,6 +59,10 @@ class DriverCosts:
         fields = sum(intake.micro_batches * intake.fields for intake in intakes(spec, plan).values())
         self.seconds = cpu.ends(1 + len(plan.workers), CONTROL_BYTES) + cpu.ends(fields, field_bytes(spec))
         self.messages = 1 + len(plan.workers) + fields
+        self.bytes_sent = len(plan.workers) * CONTROL_BYTES + fields * field_bytes(spec)
+        """Each step: every worker's control and its micro-batches' fields."""
+        self.bytes_received = CONTROL_BYTES
+        """Each step: the loss."""
 
     def latency(self, device_id: str, nbytes: float = CONTROL_BYTES) -> float:
         """A message of ``nbytes`` between the driver and ``device_id``: nothing on one device."""

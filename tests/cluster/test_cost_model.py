@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from cetd.cluster.cost_model import (
+    DEFAULT_PROFILE,
     DeviceOffer,
     Link,
     estimated_block_seconds,
@@ -409,3 +410,33 @@ def test_the_driver_costs_the_submitting_devices_cpu_every_step() -> None:
     assert on_d1.busy_seconds["D2"] == pytest.approx(alone.busy_seconds["D2"])
     # D1 reports the loss and takes in the next step right after the driver: the same critical path.
     assert on_d1.step_seconds == pytest.approx(alone.step_seconds)
+
+
+@pytest.mark.timeout(10)
+def test_a_submitting_device_left_out_of_the_plan_still_counts_its_drivers_joules() -> None:
+    # The job's reported joules count the submitting device (its driver's CPU, and its idle power for the
+    # job's time) whether or not the plan uses it, so the forecast does too.
+    costs = replace(model_costs(SPEC, GPT2_SMALL), embedding_blocks=0.0, head_blocks=0.0)
+    offers = [*_offers(0.01, 0.01), replace(_offers(0.01)[0], device_id="D3", message_seconds=0.01)]
+    workers = tuple(WorkerAssignment(rank=i + 1, device_id=d, dp_index=i, end_block=12)
+                    for i, d in enumerate(("D1", "D2")))
+    plan = JobPlan(parallelism="data", workers=workers, micro_batches=8)
+    links = _fast_links(offers)
+    unnamed = predict(SPEC, GPT2_SMALL, plan, offers, links=links, costs=costs)
+    on_d3 = predict(SPEC, GPT2_SMALL, plan, offers, links=links, costs=costs, driver="D3")
+    assert set(unnamed.joules) == {"D1", "D2"}
+    assert set(on_d3.joules) == {"D1", "D2", "D3"}
+    assert "D3" not in on_d3.memory_bytes  # no worker there
+    assert "D3" not in on_d3.busy_seconds
+    profile = BUILTIN_PROFILES[DEFAULT_PROFILE]
+    d3 = next(o for o in offers if o.device_id == "D3")
+    driver_seconds = 27 * 0.01 / 2  # the loss in; 2 controls and 2 × 4 micro-batches × 3 fields out
+    sent = 2 * 8 + 24 * (4 * 32 * 8)  # SPEC: 4 samples per micro-batch, 32 tokens, int64
+    expected = (profile.idle_watts * on_d3.step_seconds + profile.watts_per_core * d3.cores * driver_seconds
+                + sent * profile.joules_per_byte_sent + 8 * profile.joules_per_byte_received)
+    assert on_d3.joules["D3"] == pytest.approx(expected)
+    assert on_d3.joules_per_sample == pytest.approx(sum(on_d3.joules.values()) / SPEC.global_batch)
+    assert on_d3.joules_per_sample > unnamed.joules_per_sample
+    # Submitted on a device of the plan, the driver's CPU is in that device's busy seconds, counted once.
+    on_d1 = predict(SPEC, GPT2_SMALL, plan, offers, links=links, costs=costs, driver="D1")
+    assert set(on_d1.joules) == {"D1", "D2"}
