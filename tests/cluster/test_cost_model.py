@@ -17,7 +17,7 @@ from cetd.cluster.cost_model import (
 )
 from cetd.cluster.planner import pipeline_plan, plan_job
 from cetd.cluster.power import BUILTIN_PROFILES
-from cetd.cluster.shape_costs import RUNTIME_OVERHEAD_BYTES, model_costs, training_memory
+from cetd.cluster.shape_costs import RUNTIME_OVERHEAD_BYTES, ModelCosts, model_costs, training_memory
 from cetd.cluster.transport_costs import (
     MAX_RING_MIN_BYTES,
     Messaging,
@@ -385,17 +385,21 @@ def test_a_data_parallel_worker_keeps_one_micro_batch_whatever_the_schedule() ->
         assert memory == predict(SPEC, GPT2_SMALL, replace(plan, schedule="1f1b"), offers, costs=costs).memory_bytes
 
 
-@pytest.mark.timeout(10)
-def test_the_driver_costs_the_submitting_devices_cpu_every_step() -> None:
-    # Two data-parallel replicas on D1 and D2, whose messages cost nothing; D3 takes no part, and a message
-    # costs it 10 ms (both ends). Each step the driver hears the loss, sends both workers their control and
-    # each its 4 micro-batches' 3 fields: 27 messages, half a hop each.
+def _driver_rig() -> tuple[ModelCosts, list[DeviceOffer], JobPlan, dict[tuple[str, str], Link]]:
+    """Two data-parallel replicas on D1 and D2, whose messages cost nothing; D3 takes no part, and a message
+    costs it 10 ms (both ends). Each step the driver hears the loss, sends both workers their control and
+    each its 4 micro-batches' 3 fields: 27 messages, half a hop each."""
     costs = replace(model_costs(SPEC, GPT2_SMALL), embedding_blocks=0.0, head_blocks=0.0)
     offers = [*_offers(0.01, 0.01), replace(_offers(0.01)[0], device_id="D3", message_seconds=0.01)]
     workers = tuple(WorkerAssignment(rank=i + 1, device_id=d, dp_index=i, end_block=12)
                     for i, d in enumerate(("D1", "D2")))
     plan = JobPlan(parallelism="data", workers=workers, micro_batches=8)
-    links = _fast_links(offers)
+    return costs, offers, plan, _fast_links(offers)
+
+
+@pytest.mark.timeout(10)
+def test_the_driver_costs_the_submitting_devices_cpu_every_step() -> None:
+    costs, offers, plan, links = _driver_rig()
     driver = 27 * 0.01 / 2
     unnamed = predict(SPEC, GPT2_SMALL, plan, offers, links=links, costs=costs)  # priced as the cheapest member
     on_d3 = predict(SPEC, GPT2_SMALL, plan, offers, links=links, costs=costs, driver="D3")
@@ -416,12 +420,7 @@ def test_the_driver_costs_the_submitting_devices_cpu_every_step() -> None:
 def test_a_submitting_device_left_out_of_the_plan_still_counts_its_drivers_joules() -> None:
     # The job's reported joules count the submitting device (its driver's CPU, and its idle power for the
     # job's time) whether or not the plan uses it, so the forecast does too.
-    costs = replace(model_costs(SPEC, GPT2_SMALL), embedding_blocks=0.0, head_blocks=0.0)
-    offers = [*_offers(0.01, 0.01), replace(_offers(0.01)[0], device_id="D3", message_seconds=0.01)]
-    workers = tuple(WorkerAssignment(rank=i + 1, device_id=d, dp_index=i, end_block=12)
-                    for i, d in enumerate(("D1", "D2")))
-    plan = JobPlan(parallelism="data", workers=workers, micro_batches=8)
-    links = _fast_links(offers)
+    costs, offers, plan, links = _driver_rig()
     unnamed = predict(SPEC, GPT2_SMALL, plan, offers, links=links, costs=costs)
     on_d3 = predict(SPEC, GPT2_SMALL, plan, offers, links=links, costs=costs, driver="D3")
     assert set(unnamed.joules) == {"D1", "D2"}
