@@ -147,7 +147,8 @@ class JobSupervisor:
                 except (UnavailableError, JobError) as error:
                     if not resume and pending is None:
                         raise
-                    self._set_state(JobState.PAUSED, f"waiting for devices: {error}")
+                    self._set_state(JobState.PAUSED, f"waiting for devices: {error}",
+                                    retry=f"retrying every {PAUSE_RETRY.total_seconds():g} s")
                     await asyncio.sleep(PAUSE_RETRY.total_seconds())
                     exclude = set()
                     continue
@@ -186,7 +187,9 @@ class JobSupervisor:
                 resume = bool(self._stored.checkpoints)
                 if outcome == "paused":
                     self._failed_checkpoints += 1
-                    self._set_state(JobState.PAUSED, str(event.get("reason")))
+                    self._set_state(JobState.PAUSED, str(event.get("reason")),
+                                    retry=f"retrying in {pause_delay(self._failed_checkpoints):g} s, then less "
+                                          f"often while it lasts (at most every {PAUSE_RETRY_MAX.total_seconds():g} s)")
                     await asyncio.sleep(pause_delay(self._failed_checkpoints))
                     exclude = set()
                     continue
@@ -390,12 +393,10 @@ class JobSupervisor:
                 return plan.worker(rank).device_id
         return ""
 
-    def _set_state(self, state: JobState, reason: str) -> None:
+    def _set_state(self, state: JobState, reason: str, *, retry: str = "") -> None:
+        """``retry``: for a pause, when the job is tried again (the journal says it beside the reason)."""
         if state is JobState.PAUSED and reason != self._paused_for:
             # Once per cause: the job retries every few seconds, and the journal must say why it waits.
-            retry = (f"retrying in {pause_delay(self._failed_checkpoints):g} s, then less often while it lasts "
-                     f"(at most every {PAUSE_RETRY_MAX.total_seconds():g} s)" if self._failed_checkpoints
-                     else f"retrying every {PAUSE_RETRY.total_seconds():g} s")
             logger.warning("job %s paused: %s; %s", self.job_id, reason, retry)
             self._paused_for = reason
         self._stored.state = state.value
