@@ -187,10 +187,11 @@ class JobSupervisor:
                 resume = bool(self._stored.checkpoints)
                 if outcome == "paused":
                     self._failed_checkpoints += 1
+                    delay = pause_delay(self._failed_checkpoints)
                     self._set_state(JobState.PAUSED, str(event.get("reason")),
-                                    retry=f"retrying in {pause_delay(self._failed_checkpoints):g} s, then less "
-                                          f"often while it lasts (at most every {PAUSE_RETRY_MAX.total_seconds():g} s)")
-                    await asyncio.sleep(pause_delay(self._failed_checkpoints))
+                                    retry=f"retrying in {delay:g} s, then less often while it lasts "
+                                          f"(at most every {PAUSE_RETRY_MAX.total_seconds():g} s)")
+                    await asyncio.sleep(delay)
                     exclude = set()
                     continue
                 # lost: a device failed or is leaving; the next incarnation resumes without it.
